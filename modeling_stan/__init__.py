@@ -1,0 +1,5 @@
+"""STAN and Mug-STAN video-text models for Hugging Face transformers."""
+
+from .configuration_stan import StanConfig
+
+__all__ = ["StanConfig"]

@@ -1,0 +1,116 @@
+"""Configuration of STAN (Spatial-Temporal Auxiliary Network) video-text models."""
+
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from transformers.configuration_utils import PreTrainedConfig
+
+
+TEMPORAL_MODULES = ("attention", "conv")
+ALIGNMENTS = ("mean", "mug")
+MUG_VARIANTS = ("simple", "full")
+
+
+class StanConfig(PreTrainedConfig):
+    r"""
+    Configuration of a STAN video-text model: a CLIP text tower, a CLIP vision tower, and the STAN
+    branch that runs beside the last `stan_depth` vision layers.
+
+    The CLIP fields (`text_config`, `vision_config`, `projection_dim`, `logit_scale_init_value`,
+    `initializer_factor`) have the names and defaults of [`CLIPConfig`], so any CLIP checkpoint's
+    configuration maps onto this one field for field.
+
+    Args:
+        text_config (`dict` or `CLIPTextConfig`, *optional*): the CLIP text tower.
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*): the CLIP vision tower.
+        projection_dim (`int`, defaults to 512): size of the joint embedding space.
+        logit_scale_init_value (`float`, defaults to 2.6592): initial log of the logit scale.
+        stan_depth (`int`, defaults to 4): number K of STAN layers. `0` removes the branch: the video
+            embedding is then the mean of the CLIP frame embeddings (the ViFi-CLIP baseline).
+        temporal_module (`str`, defaults to `"attention"`): `"attention"` (STAN-self) or `"conv"`
+            (STAN-conv, the paper's 3D-convolution bottleneck).
+        num_frames (`int`, defaults to 8): frames per clip by default (processor and docs).
+        max_frames (`int`, defaults to 64): rows of the temporal embedding, the most frames a clip may have.
+        drop_path_rate (`float`, defaults to 0.1): stochastic depth of the last STAN layer (linear from 0).
+        conv_reduction (`int`, defaults to 8): channel reduction of the STAN-conv bottleneck (D -> D/8).
+        alignment (`str`, defaults to `"mean"`): video-text score of the retrieval head: `"mean"`
+            (cosine of the mean-pooled embeddings) or `"mug"` (Mug-STAN's mutual-guided alignment).
+        mug_variant (`str`, defaults to `"simple"`): `"simple"` or `"full"` Mug.
+        mug_lambda (`float`, defaults to 100.0): inverse temperature of Mug's softmax weights.
+        fixed_logit_scale (`float`, *optional*): if set, the retrieval head uses this fixed scale
+            (e.g. 100.0 for tau = 0.01) instead of the learnable `logit_scale`.
+        classifier_type (`str`, defaults to `"linear"`): head of the classification model, `"linear"` or
+            `"text"` (logits = scale * cos(video, text embedding of each class name)).
+    """
+
+    model_type = "stan"
+    sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}
+
+    text_config: dict | CLIPTextConfig | None = None
+    vision_config: dict | CLIPVisionConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    initializer_factor: float = 1.0
+    stan_depth: int = 4
+    temporal_module: str = "attention"
+    num_frames: int = 8
+    max_frames: int = 64
+    drop_path_rate: float = 0.1
+    conv_reduction: int = 8
+    alignment: str = "mean"
+    mug_variant: str = "simple"
+    mug_lambda: float = 100.0
+    fixed_logit_scale: float | None = None
+    classifier_type: str = "linear"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._check_stan_fields()
+
+    def _check_stan_fields(self):
+        vision_depth = self.vision_config.num_hidden_layers
+        if not isinstance(self.stan_depth, int) or not 0 <= self.stan_depth <= vision_depth:
+            raise ValueError(
+                f"StanConfig.stan_depth must be an integer in [0, {vision_depth}] (the vision tower has "
+                f"{vision_depth} layers), got {self.stan_depth!r}."
+            )
+        _check_choice("temporal_module", self.temporal_module, TEMPORAL_MODULES)
+        _check_choice("alignment", self.alignment, ALIGNMENTS)
+        _check_choice("mug_variant", self.mug_variant, MUG_VARIANTS)
+        _check_choice("classifier_type", self.classifier_type, ("linear", "text"))
+        if not isinstance(self.max_frames, int) or self.max_frames < 1:
+            raise ValueError(f"StanConfig.max_frames must be an integer >= 1, got {self.max_frames!r}.")
+        if not isinstance(self.num_frames, int) or not 1 <= self.num_frames <= self.max_frames:
+            raise ValueError(
+                f"StanConfig.num_frames must be an integer in [1, max_frames={self.max_frames}], got {self.num_frames!r}."
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"StanConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}.")
+        hidden = self.vision_config.hidden_size
+        if not isinstance(self.conv_reduction, int) or self.conv_reduction < 1 or hidden % self.conv_reduction:
+            raise ValueError(
+                f"StanConfig.conv_reduction must be a positive divisor of the vision width {hidden}, "
+                f"got {self.conv_reduction!r}."
+            )
+        if self.mug_lambda <= 0:
+            raise ValueError(f"StanConfig.mug_lambda must be > 0, got {self.mug_lambda!r}.")
+        if self.fixed_logit_scale is not None and self.fixed_logit_scale <= 0:
+            raise ValueError(f"StanConfig.fixed_logit_scale must be > 0 or None, got {self.fixed_logit_scale!r}.")
+
+    @classmethod
+    def from_clip_config(cls, clip_config: CLIPConfig, **stan_kwargs) -> "StanConfig":
+        """Builds a STAN configuration with the towers of `clip_config` and the given STAN fields."""
+        return cls(
+            text_config=clip_config.text_config.to_dict(),
+            vision_config=clip_config.vision_config.to_dict(),
+            projection_dim=clip_config.projection_dim,
+            logit_scale_init_value=clip_config.logit_scale_init_value,
+            initializer_factor=clip_config.initializer_factor,
+            **stan_kwargs,
+        )
+
+
+def _check_choice(field: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"StanConfig.{field} must be one of {list(allowed)}, got {value!r}.")
+
+
+__all__ = ["StanConfig"]
