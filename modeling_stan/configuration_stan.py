@@ -39,6 +39,8 @@ class StanConfig(PreTrainedConfig):
             (e.g. 100.0 for tau = 0.01) instead of the learnable `logit_scale`.
         classifier_type (`str`, defaults to `"linear"`): head of the classification model, `"linear"` or
             `"text"` (logits = scale * cos(video, text embedding of each class name)).
+        loss_reduction (`str`, defaults to `"sum"`): how the two directions of the symmetric InfoNCE loss combine:
+            `"sum"` (the STAN authors' form) or `"mean"` (CLIP's).
     """
 
     model_type = "stan"
@@ -60,6 +62,7 @@ class StanConfig(PreTrainedConfig):
     mug_lambda: float = 100.0
     fixed_logit_scale: float | None = None
     classifier_type: str = "linear"
+    loss_reduction: str = "sum"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -76,6 +79,7 @@ class StanConfig(PreTrainedConfig):
         _check_choice("alignment", self.alignment, ALIGNMENTS)
         _check_choice("mug_variant", self.mug_variant, MUG_VARIANTS)
         _check_choice("classifier_type", self.classifier_type, ("linear", "text"))
+        _check_choice("loss_reduction", self.loss_reduction, ("sum", "mean"))
         if not isinstance(self.max_frames, int) or self.max_frames < 1:
             raise ValueError(f"StanConfig.max_frames must be an integer >= 1, got {self.max_frames!r}.")
         if not isinstance(self.num_frames, int) or not 1 <= self.num_frames <= self.max_frames:

@@ -1,0 +1,234 @@
+"""Convert a checkpoint of the authors' STAN / Mug-STAN code (an mmaction2 fork) into a `StanForVideoTextRetrieval`.
+
+    python -m modeling_stan.convert_original_checkpoint --checkpoint stan_msrvtt_b32.pth \
+        --clip openai/clip-vit-base-patch32 --output stan-msrvtt-b32 --temperature 0.01
+
+The conversion is strict: every key of the source is mapped (or the conversion fails with the list of keys it
+could not map), and every weight of the target model is filled.
+"""
+
+import argparse
+import math
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import CLIPConfig, CLIPModel
+
+from .configuration_stan import StanConfig
+from .modeling_stan import StanForVideoTextRetrieval
+
+
+class CheckpointConversionError(ValueError):
+    """A checkpoint that cannot be converted: the message names the file and the problem."""
+
+
+# Source prefix (after `backbone.` / `text_backbone.`) -> target prefix, tried in order.
+_KEY_RULES = [
+    (r"^backbone\.(?:STAN|timesFPN)_S_layers\.(\d+)\.", r"vision_model.stan.layers.\1.spatial."),
+    (r"^backbone\.(?:STAN|timesFPN)_T_layers\.(\d+)\.", r"vision_model.stan.layers.\1.temporal."),
+    (r"^backbone\.(?:STAN|timesFPN)_time_embed\.", "vision_model.stan.time_embedding."),
+    (r"^backbone\.(class_embedding|patch_embedding\.|position_embedding\.)", r"vision_model.embeddings.\1"),
+    (r"^backbone\.layers\.", "vision_model.encoder.layers."),
+    (r"^backbone\.(pre_layrnorm|post_layernorm)\.", r"vision_model.\1."),
+    (r"^backbone\.visual_projection\.", "visual_projection."),
+    (r"^text_backbone\.text_model\.", "text_model."),
+    (r"^text_backbone\.text_projection\.", "text_projection."),
+]
+_IGNORED_SOURCE_KEYS = re.compile(r"(^|\.)position_ids$")
+_SPATIAL_LAYER = re.compile(r"^backbone\.(?:STAN|timesFPN)_S_layers\.(\d+)\.")
+
+
+def map_key(source_key: str) -> str | None:
+    """The target (Hugging Face) name of a source key, or None if no rule maps it."""
+    for pattern, replacement in _KEY_RULES:
+        if re.match(pattern, source_key):
+            return re.sub(pattern, replacement, source_key, count=1)
+    return None
+
+
+def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads `.safetensors`, or `.pth`/`.bin`/`.pt` with `torch.load(weights_only=True)` (never full unpickling).
+
+    Accepts an mmengine checkpoint (a dict with `state_dict`) or a bare state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointConversionError(f"{path}: no such checkpoint file.")
+    if path.suffix == ".safetensors":
+        try:
+            checkpoint = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointConversionError(f"{path}: not a readable safetensors file ({error}).") from error
+    else:
+        checkpoint = _torch_load_weights_only(path)
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise CheckpointConversionError(f"{path}: expected a state dict (or a dict with 'state_dict'), found none.")
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointConversionError(f"{path}: these entries of the state dict are not tensors: {not_tensors[:10]}")
+    return state_dict
+
+
+def _torch_load_weights_only(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointConversionError(
+            f"{path}: refused by torch.load(weights_only=True); it holds objects other than tensors and plain "
+            f"containers, which are never unpickled here ({str(error).splitlines()[0]})."
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointConversionError(f"{path}: not a PyTorch checkpoint ({error}).") from error
+
+
+def infer_stan_depth(state_dict: dict[str, torch.Tensor]) -> int:
+    """K = the number of STAN spatial layers in the checkpoint."""
+    layers = {int(m.group(1)) for key in state_dict if (m := _SPATIAL_LAYER.match(key))}
+    return max(layers) + 1 if layers else 0
+
+
+def infer_temporal_module(state_dict: dict[str, torch.Tensor]) -> str:
+    return "attention" if any(".temporal_fc." in key for key in state_dict) else "conv"
+
+
+def convert_state_dict(
+    state_dict: dict[str, torch.Tensor], model: StanForVideoTextRetrieval, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Maps every source key onto `model`'s weights, checking names and shapes; fails on anything left over."""
+    target_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    converted, unmapped, mismatched = {}, [], []
+    for key, tensor in state_dict.items():
+        if _IGNORED_SOURCE_KEYS.search(key):
+            continue
+        target = map_key(key)
+        if target is None or target not in target_shapes:
+            unmapped.append(key)
+        elif tensor.shape != target_shapes[target]:
+            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(target_shapes[target])}")
+        else:
+            converted[target] = tensor
+    if unmapped:
+        raise CheckpointConversionError(f"{source}: {len(unmapped)} keys could not be mapped: {sorted(unmapped)}")
+    if mismatched:
+        raise CheckpointConversionError(
+            f"{source}: shapes do not match the CLIP config (wrong --clip?): " + "; ".join(mismatched)
+        )
+    return converted
+
+
+def convert_original_checkpoint(
+    checkpoint: str | Path,
+    clip: str | Path,
+    output: str | Path | None = None,
+    *,
+    temporal_module: str | None = None,
+    stan_depth: int | None = None,
+    alignment: str = "mean",
+    temperature: float | None = None,
+    num_frames: int = 8,
+    dtype: torch.dtype = torch.float32,
+) -> StanForVideoTextRetrieval:
+    """Converts the authors' checkpoint into a `StanForVideoTextRetrieval` (saved to `output` when given).
+
+    `clip` is the CLIP checkpoint the model was trained from (local directory or Hub id): it gives the tower
+    configuration, the tokenizer for the saved processor and, without `temperature`, the learnable logit scale.
+    `temperature` is the authors' fixed tau (0.01 for B/32, 0.02 for B/16): the model then uses scale 1 / tau.
+    """
+    state_dict = load_original_state_dict(checkpoint)
+    depth = infer_stan_depth(state_dict) if stan_depth is None else stan_depth
+    module = infer_temporal_module(state_dict) if temporal_module is None else temporal_module
+    clip_config = CLIPConfig.from_pretrained(clip)
+    config = StanConfig.from_clip_config(
+        clip_config,
+        stan_depth=depth,
+        temporal_module=module,
+        alignment=alignment,
+        num_frames=num_frames,
+        fixed_logit_scale=None if temperature is None else 1.0 / temperature,
+    )
+    model = StanForVideoTextRetrieval(config)
+    weights = convert_state_dict(state_dict, model, source=str(checkpoint))
+    weights["logit_scale"] = _logit_scale(clip, temperature)
+    missing = sorted(set(model.state_dict()) - set(weights))
+    if missing:
+        raise CheckpointConversionError(f"{checkpoint}: the checkpoint has no weights for {missing}")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
+    model = model.to(dtype).eval()
+    if output is not None:
+        _save(model, clip, Path(output))
+    return model
+
+
+def _logit_scale(clip: str | Path, temperature: float | None) -> torch.Tensor:
+    if temperature is not None:
+        if temperature <= 0:
+            raise CheckpointConversionError(f"--temperature must be > 0, got {temperature}.")
+        return torch.tensor(math.log(1.0 / temperature))
+    return CLIPModel.from_pretrained(clip).logit_scale.detach().clone()
+
+
+def _save(model: StanForVideoTextRetrieval, clip: str | Path, output: Path) -> None:
+    model.save_pretrained(output)
+    processor = _processor_for(clip, model.config)
+    if processor is not None:
+        processor.save_pretrained(output)
+
+
+def _processor_for(clip: str | Path, config: StanConfig):
+    """A `StanProcessor` with the CLIP checkpoint's tokenizer, or None when the checkpoint ships no tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(clip)
+    except (OSError, ValueError, TypeError):
+        return None
+    from .processing_stan import StanProcessor
+    from .video_processing_stan import StanVideoProcessor
+
+    size = config.vision_config.image_size
+    return StanProcessor(video_processor=StanVideoProcessor.for_image_size(size, config.num_frames), tokenizer=tokenizer)
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="the authors' checkpoint: .pth, .bin or .safetensors")
+    parser.add_argument("--clip", required=True, help="CLIP checkpoint it was trained from (directory or Hub id)")
+    parser.add_argument("--output", required=True, help="directory to write the converted model to")
+    parser.add_argument("--temporal-module", choices=["attention", "conv"], help="default: inferred")
+    parser.add_argument("--stan-depth", type=int, help="K; default: inferred from the checkpoint")
+    parser.add_argument("--alignment", choices=["mean", "mug"], default="mean")
+    parser.add_argument("--temperature", type=float, help="fixed tau of the authors' config (0.01 B/32, 0.02 B/16)")
+    parser.add_argument("--num-frames", type=int, default=8)
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    args = parser.parse_args(argv)
+    try:
+        model = convert_original_checkpoint(
+            args.checkpoint,
+            args.clip,
+            args.output,
+            temporal_module=args.temporal_module,
+            stan_depth=args.stan_depth,
+            alignment=args.alignment,
+            temperature=args.temperature,
+            num_frames=args.num_frames,
+            dtype=_DTYPES[args.dtype],
+        )
+    except CheckpointConversionError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(
+        f"Converted {args.checkpoint} -> {args.output}: stan_depth={model.config.stan_depth}, "
+        f"temporal_module={model.config.temporal_module}, alignment={model.config.alignment}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,732 @@
+"""PyTorch STAN: CLIP towers plus the Spatial-Temporal Auxiliary Network branch (CVPR 2023) and Mug-STAN."""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
+    CLIPEncoder,
+    CLIPEncoderLayer,
+    CLIPMLP,
+    CLIPPreTrainedModel,
+    CLIPTextModel,
+    CLIPVisionEmbeddings,
+)
+from transformers.utils import ModelOutput, logging
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_stan import StanConfig
+from .mug_alignment import mug_similarity
+
+
+logger = logging.get_logger(__name__)
+
+# Written into every saved config so that a directory loads through the Auto classes as remote code.
+AUTO_MAP = {
+    "AutoConfig": "configuration_stan.StanConfig",
+    "AutoModel": "modeling_stan.StanModel",
+    "AutoModelForVideoClassification": "modeling_stan.StanForVideoClassification",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StanVisionOutput(BaseModelOutputWithPooling):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_frames, 1 + num_patches, hidden_size)`):
+        Output of the last CLIP vision layer for every frame.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, num_frames, hidden_size)`):
+        Per-frame [CLS] states fused with the STAN branch's video [CLS], after `post_layernorm`.
+    branch_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_patches * num_frames, hidden_size)`):
+        Output of the last STAN layer (video [CLS], then patch tokens in patch-major, time-minor order);
+        `None` when `stan_depth == 0`.
+    """
+
+    branch_last_hidden_state: torch.FloatTensor | None = None
+
+
+@dataclass
+class StanVideoFeaturesOutput(BaseModelOutputWithPooling):
+    r"""
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        Projected video embedding (mean of `frame_embeds`), not normalised.
+    frame_embeds (`torch.FloatTensor` of shape `(batch_size, num_frames, projection_dim)`):
+        Projected per-frame embeddings, not normalised.
+    """
+
+    frame_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class StanTextFeaturesOutput(BaseModelOutputWithPooling):
+    r"""
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        Projected EOS-token embedding, not normalised.
+    token_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, projection_dim)`):
+        The text projection applied to every final-layer-normed token state, not normalised.
+    """
+
+    token_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class StanOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `return_loss=True`):
+        Symmetric video-text InfoNCE loss.
+    logits_per_video (`torch.FloatTensor` of shape `(video_batch_size, text_batch_size)`):
+        Scaled video-text similarity scores.
+    logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, video_batch_size)`):
+        Scaled text-video similarity scores (`logits_per_video.T`).
+    video_embeds (`torch.FloatTensor` of shape `(video_batch_size, projection_dim)`):
+        L2-normalised video embeddings.
+    text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`):
+        L2-normalised text embeddings.
+    frame_embeds (`torch.FloatTensor` of shape `(video_batch_size, num_frames, projection_dim)`):
+        Projected per-frame embeddings (not normalised), used by Mug alignment.
+    token_embeds (`torch.FloatTensor` of shape `(text_batch_size, sequence_length, projection_dim)`):
+        Projected per-token embeddings (not normalised), used by Mug alignment.
+    text_model_output / vision_model_output: the tower outputs.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_video: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    video_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    frame_embeds: torch.FloatTensor | None = None
+    token_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: StanVisionOutput | None = None
+
+    def to_tuple(self) -> tuple[Any]:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+@dataclass
+class StanVideoClassifierOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is given): cross-entropy loss.
+    logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): classification scores.
+    video_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): projected video embedding.
+    hidden_states / attentions: as requested with `output_hidden_states` / `output_attentions`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    video_embeds: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses and similarities
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def l2_normalize(embeds: torch.Tensor) -> torch.Tensor:
+    return F.normalize(embeds, dim=-1, eps=1e-8)
+
+
+def _logit_scale_value(logit_scale: nn.Parameter, config: StanConfig) -> torch.Tensor:
+    if config.fixed_logit_scale is not None:
+        return logit_scale.new_tensor(config.fixed_logit_scale)
+    return logit_scale.exp()
+
+
+def video_text_contrastive_loss(logits_per_text: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Symmetric InfoNCE over a square (text, video) score matrix whose diagonal holds the positives.
+
+    The two directions' mean cross-entropies are summed (`"sum"`, the STAN authors' form) or averaged (`"mean"`, CLIP's).
+    """
+    targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+    text_to_video = F.cross_entropy(logits_per_text, targets)
+    video_to_text = F.cross_entropy(logits_per_text.t(), targets)
+    total = text_to_video + video_to_text
+    return total if reduction == "sum" else total / 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The STAN branch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class StanDropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample (first dimension) while training."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return hidden_states
+        keep = 1.0 - self.rate
+        mask_shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = hidden_states.new_empty(mask_shape).bernoulli_(keep)
+        return hidden_states * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class StanTemporalAttention(nn.Module):
+    """STAN-self temporal module: attention across the frames of each patch position, identity at initialisation."""
+
+    def __init__(self, config: StanConfig, drop_path_rate: float):
+        super().__init__()
+        vision_config = config.vision_config
+        self.layer_norm1 = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        self.self_attn = CLIPAttention(vision_config)
+        self.drop_path = StanDropPath(drop_path_rate)
+        # Zero-initialised weight and bias make the module the identity until it is trained.
+        self.temporal_fc = nn.Linear(vision_config.hidden_size, vision_config.hidden_size)
+
+    def forward(self, patch_tokens: torch.Tensor, num_frames: int, **kwargs) -> torch.Tensor:
+        batch_size, num_tokens, hidden_size = patch_tokens.shape
+        # Tokens are patch-major, time-minor, so each patch's frames are contiguous.
+        sequences = patch_tokens.reshape(-1, num_frames, hidden_size)
+        attended, _ = self.self_attn(self.layer_norm1(sequences), **kwargs)
+        update = self.temporal_fc(self.drop_path(attended))
+        return patch_tokens + update.reshape(batch_size, num_tokens, hidden_size)
+
+
+class StanTemporalConv(nn.Module):
+    """STAN-conv temporal module: a bottleneck 3D convolution over (time, height, width), identity at initialisation."""
+
+    def __init__(self, config: StanConfig, drop_path_rate: float):
+        super().__init__()
+        vision_config = config.vision_config
+        hidden_size = vision_config.hidden_size
+        bottleneck = hidden_size // config.conv_reduction
+        self.grid_size = vision_config.image_size // vision_config.patch_size
+        self.down = nn.Linear(hidden_size, bottleneck)
+        self.conv = nn.Conv3d(bottleneck, bottleneck, kernel_size=(3, 1, 1), padding=(1, 0, 0))
+        self.activation = nn.GELU()
+        # Zero-initialised so the module is the identity until it is trained.
+        self.up = nn.Linear(bottleneck, hidden_size)
+
+    def forward(self, patch_tokens: torch.Tensor, num_frames: int, **kwargs) -> torch.Tensor:
+        batch_size, num_tokens, _ = patch_tokens.shape
+        reduced = self.down(patch_tokens)
+        # (B, P*T, d) in (p t) order -> (B, d, T, h, w) for the convolution.
+        grid = reduced.reshape(batch_size, self.grid_size, self.grid_size, num_frames, -1).permute(0, 4, 3, 1, 2)
+        mixed = self.activation(self.conv(grid))
+        mixed = mixed.permute(0, 3, 4, 2, 1).reshape(batch_size, num_tokens, -1)
+        return patch_tokens + self.up(mixed)
+
+
+TEMPORAL_MODULE_CLASSES = {"attention": StanTemporalAttention, "conv": StanTemporalConv}
+
+
+class StanSpatialLayer(nn.Module):
+    """A CLIP encoder layer whose attention runs within each frame, the video [CLS] shared by all frames.
+
+    Sub-module names equal `CLIPEncoderLayer`'s so the weights of a CLIP layer copy over one to one.
+    """
+
+    def __init__(self, config: StanConfig, drop_path_rate: float):
+        super().__init__()
+        vision_config = config.vision_config
+        self.layer_norm1 = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        self.self_attn = CLIPAttention(vision_config)
+        self.layer_norm2 = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        self.mlp = CLIPMLP(vision_config)
+        self.drop_path = StanDropPath(drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor, num_frames: int, **kwargs) -> torch.Tensor:
+        batch_size, _, hidden_size = hidden_states.shape
+        video_cls, patch_tokens = hidden_states[:, :1], hidden_states[:, 1:]
+        per_frame = _patch_major_to_frames(patch_tokens, num_frames)
+        frame_cls = video_cls.repeat_interleave(num_frames, dim=0)
+        attended, _ = self.self_attn(self.layer_norm1(torch.cat([frame_cls, per_frame], dim=1)), **kwargs)
+        attended = self.drop_path(attended)
+        # The per-frame copies of the video [CLS] are averaged back into one token.
+        cls_update = attended[:, :1].reshape(batch_size, num_frames, 1, hidden_size).mean(dim=1)
+        patch_update = _frames_to_patch_major(attended[:, 1:], num_frames)
+        hidden_states = hidden_states + torch.cat([cls_update, patch_update], dim=1)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class StanLayer(GradientCheckpointingLayer):
+    """One STAN layer: the temporal module, then the spatial module."""
+
+    def __init__(self, config: StanConfig, drop_path_rate: float):
+        super().__init__()
+        self.temporal = TEMPORAL_MODULE_CLASSES[config.temporal_module](config, drop_path_rate)
+        self.spatial = StanSpatialLayer(config, drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor, num_frames: int, **kwargs) -> torch.Tensor:
+        # The video [CLS] passes the temporal module untouched.
+        patch_tokens = self.temporal(hidden_states[:, 1:], num_frames, **kwargs)
+        hidden_states = torch.cat([hidden_states[:, :1], patch_tokens], dim=1)
+        return self.spatial(hidden_states, num_frames, **kwargs)
+
+
+def _patch_major_to_frames(patch_tokens: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B, P*T, D) in (p t) order -> (B*T, P, D)."""
+    batch_size, num_tokens, hidden_size = patch_tokens.shape
+    grid = patch_tokens.reshape(batch_size, num_tokens // num_frames, num_frames, hidden_size)
+    return grid.transpose(1, 2).reshape(batch_size * num_frames, -1, hidden_size)
+
+
+def _frames_to_patch_major(frame_tokens: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B*T, P, D) -> (B, P*T, D) in (p t) order."""
+    _, num_patches, hidden_size = frame_tokens.shape
+    grid = frame_tokens.reshape(-1, num_frames, num_patches, hidden_size)
+    return grid.transpose(1, 2).reshape(grid.shape[0], num_patches * num_frames, hidden_size)
+
+
+class StanBranch(nn.Module):
+    """The K STAN layers that run beside the last K CLIP vision layers, reading their outputs."""
+
+    def __init__(self, config: StanConfig):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, config.stan_depth).tolist()
+        self.time_embedding = nn.Embedding(config.max_frames, config.vision_config.hidden_size)
+        self.layers = nn.ModuleList([StanLayer(config, rate) for rate in rates])
+
+    def forward(
+        self,
+        clip_states: list[torch.Tensor],
+        class_embedding: torch.Tensor,
+        position_embedding: torch.Tensor,
+        **kwargs,
+    ) -> torch.Tensor:
+        """`clip_states[k]` is the output of CLIP layer L-K+k+1, shape (B, T, 1+P, D)."""
+        hidden_states = None
+        for layer, clip_state in zip(self.layers, clip_states):
+            num_frames = clip_state.shape[1]
+            if hidden_states is None:
+                hidden_states = self._first_input(clip_state, class_embedding, position_embedding)
+            else:
+                hidden_states = hidden_states + _branch_tokens(clip_state)
+            hidden_states = layer(hidden_states, num_frames, **kwargs)
+        return hidden_states
+
+    def _first_input(
+        self, clip_state: torch.Tensor, class_embedding: torch.Tensor, position_embedding: torch.Tensor
+    ) -> torch.Tensor:
+        """Patch tokens re-embedded with CLIP's own position table plus a temporal embedding; the video [CLS]
+        averages the frames' [CLS] with CLIP's embedded class token."""
+        batch_size, num_frames, _, hidden_size = clip_state.shape
+        position_embedding = position_embedding.to(clip_state.dtype)
+        frame_ids = torch.arange(num_frames, device=clip_state.device)
+        time_embedding = self.time_embedding(frame_ids).to(clip_state.dtype)
+        patches = clip_state[:, :, 1:] + position_embedding[1:] + time_embedding[None, :, None, :]
+        patches = patches.transpose(1, 2).reshape(batch_size, -1, hidden_size)
+        embedded_class = (class_embedding.to(clip_state.dtype) + position_embedding[0]).expand(batch_size, 1, -1)
+        video_cls = (clip_state[:, :, 0].mean(dim=1, keepdim=True) + embedded_class) / 2
+        return torch.cat([video_cls, patches], dim=1)
+
+
+def _branch_tokens(clip_state: torch.Tensor) -> torch.Tensor:
+    """A CLIP layer's output as branch tokens: mean frame [CLS], then patches in (p t) order."""
+    batch_size, _, _, hidden_size = clip_state.shape
+    patches = clip_state[:, :, 1:].transpose(1, 2).reshape(batch_size, -1, hidden_size)
+    return torch.cat([clip_state[:, :, 0].mean(dim=1, keepdim=True), patches], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-trained model base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class StanPreTrainedModel(CLIPPreTrainedModel):
+    config: StanConfig
+    config_class = StanConfig
+    base_model_prefix = "stan"
+    main_input_name = "pixel_values"
+    input_modalities = ("video", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings", "StanLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = [r"position_ids"]
+    # CLIP weights that `from_clip_pretrained` may leave out of this model (the dual encoder keeps them all).
+    _clip_prefixes_not_kept: tuple[str, ...] = ()
+    _can_record_outputs = {
+        # Only the CLIP tower's layers: the branch's tokens have another layout.
+        "hidden_states": OutputRecorder(CLIPEncoderLayer, layer_name="encoder.layers"),
+        "attentions": OutputRecorder(CLIPAttention, index=1),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # CLIP's own initialisation for the CLIP modules (attention, MLP, embeddings, norms, linears).
+        super()._init_weights(module)
+        factor = self.config.initializer_factor
+        if isinstance(module, StanTemporalAttention):
+            init.zeros_(module.temporal_fc.weight)
+            init.zeros_(module.temporal_fc.bias)
+        elif isinstance(module, StanTemporalConv):
+            init.zeros_(module.up.weight)
+            init.zeros_(module.up.bias)
+        elif isinstance(module, StanBranch):
+            # The authors keep torch's default N(0, 1) for the temporal embedding.
+            init.normal_(module.time_embedding.weight, mean=0.0, std=1.0)
+        elif isinstance(module, StanModel):
+            init.normal_(module.text_projection.weight, std=self.config.text_config.hidden_size**-0.5 * factor)
+            init.normal_(module.visual_projection.weight, std=self.config.vision_config.hidden_size**-0.5 * factor)
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+        elif isinstance(module, StanForVideoClassification):
+            init.normal_(module.visual_projection.weight, std=self.config.vision_config.hidden_size**-0.5 * factor)
+            init.normal_(module.classifier.weight, std=self.config.projection_dim**-0.5 * factor)
+            if module.classifier.bias is not None:
+                init.zeros_(module.classifier.bias)
+            if module.logit_scale is not None:
+                init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # The saved config names every Auto class so a Hub directory works as remote code for all of them;
+        # `custom_object_save` then points this class's own Auto class at it.
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _check_video(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values is None or pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
+            shape = None if pixel_values is None else tuple(pixel_values.shape)
+            raise ValueError(f"pixel_values must have shape (batch, frames, 3, height, width), got {shape}.")
+        num_frames = pixel_values.shape[1]
+        if not 1 <= num_frames <= self.config.max_frames:
+            raise ValueError(
+                f"pixel_values has {num_frames} frames; this model takes 1 to max_frames={self.config.max_frames} "
+                "frames per clip (the rows of its temporal embedding)."
+            )
+
+    @classmethod
+    def from_clip_pretrained(cls, clip_name_or_path, *, clip_kwargs: dict | None = None, **stan_kwargs):
+        """Builds a STAN model around a pre-trained CLIP checkpoint (a local directory or a Hub id).
+
+        Every CLIP weight is loaded; each STAN spatial module starts as a copy of the CLIP layer whose output it
+        reads (layer L-K+k+1), and every temporal module starts as the identity. `stan_kwargs` are `StanConfig`
+        fields (e.g. `stan_depth=4, temporal_module="conv"`, or `id2label` for classification).
+        """
+        clip = CLIPModel.from_pretrained(clip_name_or_path, **(clip_kwargs or {}))
+        config = StanConfig.from_clip_config(clip.config, **stan_kwargs)
+        model = cls(config)
+        model._load_clip(clip)
+        model.eval()
+        return model
+
+    def _load_clip(self, clip: CLIPModel) -> None:
+        clip_state = clip.state_dict()
+        own_state = self.state_dict()
+        unused = sorted(k for k in set(clip_state) - set(own_state) if not k.startswith(self._clip_prefixes_not_kept))
+        if unused:
+            raise ValueError(f"{type(self).__name__} has no place for these CLIP weights: {unused}")
+        self.load_state_dict({k: v for k, v in clip_state.items() if k in own_state}, strict=False)
+        if self.config.stan_depth:
+            self.vision_model.copy_clip_layers_to_branch()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Towers and heads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class StanVisionModel(StanPreTrainedModel):
+    """The CLIP vision tower applied to every frame, with the STAN branch beside its last `stan_depth` layers."""
+
+    input_modalities = ("video",)
+
+    def __init__(self, config: StanConfig):
+        super().__init__(config)
+        vision_config = config.vision_config
+        if vision_config._attn_implementation is None:
+            # The CLIP and STAN attentions read the implementation from the vision sub-config.
+            vision_config._attn_implementation = config._attn_implementation
+        self.embeddings = CLIPVisionEmbeddings(vision_config)
+        self.pre_layrnorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        self.encoder = CLIPEncoder(vision_config)
+        self.post_layernorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        self.stan = StanBranch(config) if config.stan_depth > 0 else None
+        self.post_init()
+
+    def copy_clip_layers_to_branch(self) -> None:
+        """Initialises spatial module k with the weights of CLIP layer L-K+k+1 (the layer it reads)."""
+        first = len(self.encoder.layers) - self.config.stan_depth
+        for k, layer in enumerate(self.stan.layers):
+            layer.spatial.load_state_dict(self.encoder.layers[first + k].state_dict())
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> StanVisionOutput:
+        self._check_video(pixel_values)
+        batch_size, num_frames = pixel_values.shape[:2]
+        with _eager_attention_if_requested(self.config, self.config.vision_config, kwargs):
+            hidden_states = self.pre_layrnorm(self.embeddings(pixel_values.flatten(0, 1)))
+            branch_inputs = []
+            first_branch_input = len(self.encoder.layers) - self.config.stan_depth
+            for index, layer in enumerate(self.encoder.layers):
+                hidden_states = layer(hidden_states, None, **kwargs)
+                if index >= first_branch_input:
+                    branch_inputs.append(hidden_states.unflatten(0, (batch_size, num_frames)))
+            frame_states = hidden_states.unflatten(0, (batch_size, num_frames))
+            frame_cls = frame_states[:, :, 0]
+            branch_state = None
+            if self.stan is not None:
+                branch_state = self.stan(
+                    branch_inputs, self.embeddings.class_embedding, self.embeddings.position_embedding.weight, **kwargs
+                )
+                frame_cls = frame_cls + branch_state[:, :1]
+        return StanVisionOutput(
+            last_hidden_state=frame_states,
+            pooler_output=self.post_layernorm(frame_cls),
+            branch_last_hidden_state=branch_state,
+        )
+
+
+@contextmanager
+def _eager_attention_if_requested(model_config: StanConfig, sub_config, kwargs: dict):
+    """SDPA returns no attention weights: a call that asks for them runs with eager attention."""
+    wants_attentions = kwargs.get("output_attentions", model_config.output_attentions)
+    previous = sub_config._attn_implementation
+    switch = bool(wants_attentions) and previous not in (None, "eager")
+    if switch:
+        sub_config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        if switch:
+            sub_config._attn_implementation = previous
+
+
+class StanModel(StanPreTrainedModel):
+    """The STAN video-text dual encoder: CLIP's text tower and the STAN video tower in a joint embedding space."""
+
+    def __init__(self, config: StanConfig):
+        super().__init__(config)
+        self.text_model = CLIPTextModel._from_config(config.text_config)
+        self.vision_model = StanVisionModel._from_config(config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        if config.fixed_logit_scale is not None:
+            # A fixed temperature (the authors' recipe) is not trained.
+            self.logit_scale.requires_grad_(False)
+        self.post_init()
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> StanTextFeaturesOutput:
+        """Projected text embeddings: `pooler_output` (B, E) from the EOS token and `token_embeds` (B, N, E)."""
+        with _eager_attention_if_requested(self.config, self.config.text_config, kwargs):
+            text_outputs = self.text_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **kwargs
+            )
+        return StanTextFeaturesOutput(
+            last_hidden_state=text_outputs.last_hidden_state,
+            pooler_output=self.text_projection(text_outputs.pooler_output),
+            hidden_states=text_outputs.hidden_states,
+            attentions=text_outputs.attentions,
+            token_embeds=self.text_projection(text_outputs.last_hidden_state),
+        )
+
+    def get_video_features(self, pixel_values: torch.Tensor, **kwargs) -> StanVideoFeaturesOutput:
+        """Projected video embeddings: `pooler_output` (B, E), the mean of `frame_embeds` (B, T, E)."""
+        vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+        frame_embeds = self.visual_projection(vision_outputs.pooler_output)
+        return StanVideoFeaturesOutput(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=frame_embeds.mean(dim=1),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+            frame_embeds=frame_embeds,
+        )
+
+    def logit_scale_value(self) -> torch.Tensor:
+        """The multiplier of the similarity scores: the fixed scale if configured, else exp(logit_scale)."""
+        return _logit_scale_value(self.logit_scale, self.config)
+
+    def similarity(
+        self,
+        text_embeds: torch.Tensor,
+        video_embeds: torch.Tensor,
+        token_embeds: torch.Tensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+        frame_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Unscaled (text, video) similarity matrix: cosine of the pooled embeddings."""
+        return l2_normalize(text_embeds) @ l2_normalize(video_embeds).t()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        **kwargs,
+    ) -> StanOutput:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(text_batch_size, sequence_length)`): token ids.
+        pixel_values (`torch.FloatTensor` of shape `(video_batch_size, num_frames, 3, height, width)`): video clips.
+        return_loss (`bool`, *optional*): whether to return the symmetric InfoNCE loss (needs equal batch sizes).
+        """
+        video_outputs = self.get_video_features(pixel_values, **kwargs)
+        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, **kwargs)
+        similarity = self.similarity(
+            text_outputs.pooler_output,
+            video_outputs.pooler_output,
+            token_embeds=text_outputs.token_embeds,
+            text_attention_mask=attention_mask,
+            frame_embeds=video_outputs.frame_embeds,
+        )
+        logits_per_text = similarity * self.logit_scale_value()
+        loss = None
+        if return_loss:
+            loss = video_text_contrastive_loss(logits_per_text, self.config.loss_reduction)
+        return StanOutput(
+            loss=loss,
+            logits_per_video=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            video_embeds=l2_normalize(video_outputs.pooler_output),
+            text_embeds=l2_normalize(text_outputs.pooler_output),
+            frame_embeds=video_outputs.frame_embeds,
+            token_embeds=text_outputs.token_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=video_outputs,
+        )
+
+
+class StanForVideoTextRetrieval(StanModel):
+    """The STAN dual encoder with the retrieval recipe: mean-pooled cosine or Mug-STAN's mutual-guided alignment,
+    a learnable or fixed temperature, and the summed symmetric InfoNCE loss. Weights are laid out as `StanModel`'s."""
+
+    def similarity(
+        self,
+        text_embeds: torch.Tensor,
+        video_embeds: torch.Tensor,
+        token_embeds: torch.Tensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+        frame_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Unscaled (text, video) similarity under `config.alignment` (Mug needs token and frame embeddings)."""
+        if self.config.alignment == "mean":
+            return super().similarity(text_embeds, video_embeds)
+        if token_embeds is None or frame_embeds is None:
+            raise ValueError("alignment='mug' needs token_embeds and frame_embeds.")
+        if text_attention_mask is None:
+            text_attention_mask = torch.ones(token_embeds.shape[:2], dtype=torch.long, device=token_embeds.device)
+        return mug_similarity(
+            token_embeds,
+            text_attention_mask,
+            frame_embeds,
+            variant=self.config.mug_variant,
+            lam=self.config.mug_lambda,
+        )
+
+    def forward(self, *args, return_loss: bool | None = True, **kwargs) -> StanOutput:
+        return super().forward(*args, return_loss=return_loss, **kwargs)
+
+
+class StanForVideoClassification(StanPreTrainedModel):
+    """The STAN video tower with a classifier on the projected video embedding: a linear layer, or the authors'
+    recognition recipe (`classifier_type="text"`): logits = scale * cos(video, class embedding), the class
+    embeddings initialised from the text embeddings of the class names."""
+
+    # The text tower only initialises the text classifier; the video model does not keep it.
+    _clip_prefixes_not_kept = ("text_model.", "text_projection.", "logit_scale")
+
+    def __init__(self, config: StanConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vision_model = StanVisionModel._from_config(config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        is_text_classifier = config.classifier_type == "text"
+        self.classifier = nn.Linear(config.projection_dim, config.num_labels, bias=not is_text_classifier)
+        self.logit_scale = None
+        if is_text_classifier:
+            self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+            if config.fixed_logit_scale is not None:
+                self.logit_scale.requires_grad_(False)
+        self.post_init()
+
+    @classmethod
+    def from_clip_pretrained(
+        cls, clip_name_or_path, *, clip_kwargs=None, class_names=None, hypothesis_template="a video of {}.", **stan_kwargs
+    ):
+        """As `StanPreTrainedModel.from_clip_pretrained`. For `classifier_type="text"` the classifier starts from the
+        CLIP text embeddings of `hypothesis_template.format(name)` for each class (names from `class_names`, else
+        `id2label`), computed with the checkpoint's tokenizer."""
+        if class_names is not None:
+            stan_kwargs.setdefault("id2label", dict(enumerate(class_names)))
+        model = super().from_clip_pretrained(clip_name_or_path, clip_kwargs=clip_kwargs, **stan_kwargs)
+        if model.config.classifier_type == "text":
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(clip_name_or_path)
+            clip = CLIPModel.from_pretrained(clip_name_or_path, **(clip_kwargs or {}))
+            names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+            prompts = [hypothesis_template.format(name) for name in names]
+            with torch.no_grad():
+                inputs = tokenizer(prompts, padding=True, return_tensors="pt")
+                text_embeds = clip.get_text_features(**inputs).pooler_output
+            model.init_classifier_from_text(text_embeds)
+            model.logit_scale.data.copy_(clip.logit_scale.data)
+        return model
+
+    def init_classifier_from_text(self, text_embeds: torch.Tensor) -> None:
+        """Sets the class embeddings of the text classifier, shape (num_labels, projection_dim)."""
+        expected = (self.config.num_labels, self.config.projection_dim)
+        if tuple(text_embeds.shape) != expected:
+            raise ValueError(f"text_embeds must have shape {expected}, got {tuple(text_embeds.shape)}.")
+        with torch.no_grad():
+            self.classifier.weight.copy_(text_embeds.to(self.classifier.weight.dtype))
+
+    def forward(
+        self, pixel_values: torch.FloatTensor | None = None, labels: torch.LongTensor | None = None, **kwargs
+    ) -> StanVideoClassifierOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, 3, height, width)`): video clips.
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class indices for the cross-entropy loss.
+        """
+        vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+        video_embeds = self.visual_projection(vision_outputs.pooler_output).mean(dim=1)
+        if self.logit_scale is None:
+            logits = self.classifier(video_embeds)
+        else:
+            scale = _logit_scale_value(self.logit_scale, self.config)
+            logits = scale * l2_normalize(video_embeds) @ l2_normalize(self.classifier.weight).t()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels.to(logits.device))
+        return StanVideoClassifierOutput(
+            loss=loss,
+            logits=logits,
+            video_embeds=video_embeds,
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+        )
+
+
+StanModel._auto_class = "AutoModel"
+StanForVideoTextRetrieval._auto_class = "AutoModel"
+StanForVideoClassification._auto_class = "AutoModelForVideoClassification"
+
+__all__ = [
+    "StanPreTrainedModel",
+    "StanVisionModel",
+    "StanModel",
+    "StanForVideoTextRetrieval",
+    "StanForVideoClassification",
+    "video_text_contrastive_loss",
+]
