@@ -23,6 +23,8 @@ class StanConfig(PreTrainedConfig):
         vision_config (`dict` or `CLIPVisionConfig`, *optional*): the CLIP vision tower.
         projection_dim (`int`, defaults to 512): size of the joint embedding space.
         logit_scale_init_value (`float`, defaults to 2.6592): initial log of the logit scale.
+        initializer_range (`float`, defaults to 0.02): standard deviation of the STAN branch's new layers when
+            they are not copied from CLIP.
         stan_depth (`int`, defaults to 4): number K of STAN layers. `0` removes the branch: the video
             embedding is then the mean of the CLIP frame embeddings (the ViFi-CLIP baseline).
         temporal_module (`str`, defaults to `"attention"`): `"attention"` (STAN-self) or `"conv"`
@@ -51,6 +53,7 @@ class StanConfig(PreTrainedConfig):
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
     initializer_factor: float = 1.0
+    initializer_range: float = 0.02
     stan_depth: int = 4
     temporal_module: str = "attention"
     num_frames: int = 8

@@ -11,7 +11,6 @@ import argparse
 import math
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -83,8 +82,8 @@ def _torch_load_weights_only(path: Path):
             f"{path}: refused by torch.load(weights_only=True); it holds objects other than tensors and plain "
             f"containers, which are never unpickled here ({str(error).splitlines()[0]})."
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
-        raise CheckpointConversionError(f"{path}: not a PyTorch checkpoint ({error}).") from error
+    except Exception as error:  # torch.load fails in arbitrary ways on bytes that are not a checkpoint
+        raise CheckpointConversionError(f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {error}).") from error
 
 
 def infer_stan_depth(state_dict: dict[str, torch.Tensor]) -> int:

@@ -182,6 +182,14 @@ class StanDropPath(nn.Module):
         return f"rate={self.rate}"
 
 
+class StanZeroInitLinear(nn.Linear):
+    """A linear layer that starts at zero: the residual module it ends is the identity at initialisation."""
+
+
+class StanTimeEmbedding(nn.Embedding):
+    """The learned temporal embedding E_time[t] of the STAN branch (one row per frame index)."""
+
+
 class StanTemporalAttention(nn.Module):
     """STAN-self temporal module: attention across the frames of each patch position, identity at initialisation."""
 
@@ -191,8 +199,7 @@ class StanTemporalAttention(nn.Module):
         self.layer_norm1 = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
         self.self_attn = CLIPAttention(vision_config)
         self.drop_path = StanDropPath(drop_path_rate)
-        # Zero-initialised weight and bias make the module the identity until it is trained.
-        self.temporal_fc = nn.Linear(vision_config.hidden_size, vision_config.hidden_size)
+        self.temporal_fc = StanZeroInitLinear(vision_config.hidden_size, vision_config.hidden_size)
 
     def forward(self, patch_tokens: torch.Tensor, num_frames: int, **kwargs) -> torch.Tensor:
         batch_size, num_tokens, hidden_size = patch_tokens.shape
@@ -215,8 +222,7 @@ class StanTemporalConv(nn.Module):
         self.down = nn.Linear(hidden_size, bottleneck)
         self.conv = nn.Conv3d(bottleneck, bottleneck, kernel_size=(3, 1, 1), padding=(1, 0, 0))
         self.activation = nn.GELU()
-        # Zero-initialised so the module is the identity until it is trained.
-        self.up = nn.Linear(bottleneck, hidden_size)
+        self.up = StanZeroInitLinear(bottleneck, hidden_size)
 
     def forward(self, patch_tokens: torch.Tensor, num_frames: int, **kwargs) -> torch.Tensor:
         batch_size, num_tokens, _ = patch_tokens.shape
@@ -295,7 +301,7 @@ class StanBranch(nn.Module):
     def __init__(self, config: StanConfig):
         super().__init__()
         rates = torch.linspace(0, config.drop_path_rate, config.stan_depth).tolist()
-        self.time_embedding = nn.Embedding(config.max_frames, config.vision_config.hidden_size)
+        self.time_embedding = StanTimeEmbedding(config.max_frames, config.vision_config.hidden_size)
         self.layers = nn.ModuleList([StanLayer(config, rate) for rate in rates])
 
     def forward(
@@ -367,29 +373,19 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # CLIP's own initialisation for the CLIP modules (attention, MLP, embeddings, norms, linears).
-        super()._init_weights(module)
-        factor = self.config.initializer_factor
-        if isinstance(module, StanTemporalAttention):
-            init.zeros_(module.temporal_fc.weight)
-            init.zeros_(module.temporal_fc.bias)
-        elif isinstance(module, StanTemporalConv):
-            init.zeros_(module.up.weight)
-            init.zeros_(module.up.bias)
-        elif isinstance(module, StanBranch):
+        # transformers initialises remote-code models leaf module by leaf module (a module without parameters
+        # of its own is skipped), so every special case is keyed on the module holding the parameters.
+        if isinstance(module, StanZeroInitLinear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, StanTimeEmbedding):
             # The authors keep torch's default N(0, 1) for the temporal embedding.
-            init.normal_(module.time_embedding.weight, mean=0.0, std=1.0)
-        elif isinstance(module, StanModel):
-            init.normal_(module.text_projection.weight, std=self.config.text_config.hidden_size**-0.5 * factor)
-            init.normal_(module.visual_projection.weight, std=self.config.vision_config.hidden_size**-0.5 * factor)
+            init.normal_(module.weight, mean=0.0, std=1.0)
+        else:
+            # CLIP's initialisation; other linear and conv layers get N(0, config.initializer_range).
+            super()._init_weights(module)
+        if isinstance(module, (StanModel, StanForVideoClassification)) and module.logit_scale is not None:
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-        elif isinstance(module, StanForVideoClassification):
-            init.normal_(module.visual_projection.weight, std=self.config.vision_config.hidden_size**-0.5 * factor)
-            init.normal_(module.classifier.weight, std=self.config.projection_dim**-0.5 * factor)
-            if module.classifier.bias is not None:
-                init.zeros_(module.classifier.bias)
-            if module.logit_scale is not None:
-                init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # The saved config names every Auto class so a Hub directory works as remote code for all of them;

@@ -25,7 +25,8 @@ learnable, yet it needs temporal order, which is what STAN adds to CLIP.
                                              copy, and the tree stays valid when output_dir is moved as a whole)
 
 Within a split, the (shape, colour, direction) combinations are drawn without replacement until all 72 are used, so
-splits of at most 72 videos have distinct captions (retrieval has a single right answer) and labels stay balanced.
+splits of at most 72 videos have distinct captions (retrieval has a single right answer), and the four labels are
+dealt in turn, so their counts in a split differ by at most one.
 Everything is a function of `seed`: the same seed gives byte-identical annotation files and identical frames.
 
 CLI: `python -m modeling_stan.synthetic_videos --output_dir DIR [--seed 0] [--num_train 160] ...`
@@ -70,6 +71,7 @@ _TOWARDS = {
 # Radius range as a fraction of the frame side: small enough to travel, large enough to survive yuv420p chroma.
 _RADIUS_RANGE = (0.12, 0.18)
 _MARGIN = 1.0
+_X264_OPTIONS = {"crf": "18", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
 
 
 @dataclass(frozen=True)
@@ -189,16 +191,19 @@ def _shape_mask(shape: str, centre_x: np.ndarray, centre_y: np.ndarray, size: in
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
     """Encodes `(T, H, W, 3)` uint8 RGB frames as an H.264 (libx264, yuv420p) MP4 at `path`.
 
-    One encoder thread, so the bitstream is the same on every machine with the same libx264 build.
+    Deterministic: one encoder thread, and no macroblock-tree rate control (its lookahead made the bitstream
+    differ from one process to the next here), so a given libx264 build always writes the same bytes.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"write_mp4({path}): frames must be a (T, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}.")
+        raise ValueError(
+            f"write_mp4({path}): frames must be a (T, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}."
+        )
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
         raise ValueError(f"write_mp4({path}): yuv420p needs even frame sides, got {width}x{height}.")
     with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "18", "preset": "veryfast", "threads": "1"})
+        stream = container.add_stream("libx264", rate=fps, options=_X264_OPTIONS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
@@ -208,23 +213,31 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None
 def plan_videos(*, num_train: int, num_val: int, num_test: int, size: int, seed: int) -> list[SyntheticVideo]:
     """Draws every clip's recipe from `seed`: train videos first, then validation, then test."""
     rng = np.random.default_rng(seed)
-    combinations = list(itertools.product(SHAPES, COLOURS, DIRECTIONS))
     videos = []
     for split, count in zip(SPLITS, (num_train, num_val, num_test)):
         if count < 0:
             raise ValueError(f"generate_synthetic_dataset: the number of {split} videos must be >= 0, got {count}.")
-        for shape, colour, direction in _balanced_draw(rng, combinations, count):
+        for shape, colour, direction in _balanced_draw(rng, count):
             radius = round(float(rng.uniform(*_RADIUS_RANGE)) * size, 3)
             offset = round(float(rng.uniform(0.0, 1.0)), 3)
             videos.append(SyntheticVideo(f"video{len(videos)}", split, shape, colour, direction, radius, offset))
     return videos
 
 
-def _balanced_draw(rng: np.random.Generator, combinations: list, count: int) -> list:
-    """`count` combinations: whole shuffled passes over all of them, then a shuffled partial pass."""
+def _balanced_draw(rng: np.random.Generator, count: int) -> list[tuple[str, str, str]]:
+    """`count` (shape, colour, direction) triples, in passes that each use all combinations once.
+
+    A pass deals rounds of one triple per direction (directions in random order, appearances shuffled per
+    direction), so every prefix, hence every split, has direction counts within one of each other.
+    """
+    appearances = list(itertools.product(SHAPES, COLOURS))
     drawn = []
     while len(drawn) < count:
-        drawn.extend(combinations[i] for i in rng.permutation(len(combinations)))
+        per_direction = [
+            [(*appearances[i], direction) for i in rng.permutation(len(appearances))] for direction in DIRECTIONS
+        ]
+        for round_ in zip(*per_direction):
+            drawn.extend(round_[i] for i in rng.permutation(len(DIRECTIONS)))
     return drawn[:count]
 
 
@@ -297,7 +310,8 @@ def _write_msrvtt(directory: Path, videos: list[SyntheticVideo]) -> None:
             [f"ret{i}", f"msr{v.video_id.removeprefix('video')}", v.video_id, v.captions[0]]
             for i, v in enumerate(v for v in videos if v.split == split)
         ]
-        _write_text(directory / f"MSRVTT_JSFUSION_{name}.csv", _csv_text(["key", "vid_key", "video_id", "sentence"], rows))
+        header = ["key", "vid_key", "video_id", "sentence"]
+        _write_text(directory / f"MSRVTT_JSFUSION_{name}.csv", _csv_text(header, rows))
 
 
 def _link_class_folders(root: Path, videos: list[SyntheticVideo]) -> None:
