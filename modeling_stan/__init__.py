@@ -3,7 +3,10 @@
 Importing this package registers the STAN classes with the transformers Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification
+from transformers import AutoConfig, AutoModel, AutoModelForVideoClassification, AutoProcessor
+
+# Not `from transformers import AutoVideoProcessor`: that top-level name needs torchvision.
+from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
 from .configuration_stan import StanConfig
 from .modeling_stan import (
@@ -14,11 +17,16 @@ from .modeling_stan import (
     StanVisionModel,
     video_text_contrastive_loss,
 )
+from .processing_stan import StanProcessor
+from .video_io import VideoDecodeError, VideoMetadata, decode_video, sample_frame_indices
+from .video_processing_stan import StanVideoProcessor
 
 
 AutoConfig.register(StanConfig.model_type, StanConfig, exist_ok=True)
 AutoModel.register(StanConfig, StanModel, exist_ok=True)
 AutoModelForVideoClassification.register(StanConfig, StanForVideoClassification, exist_ok=True)
+AutoVideoProcessor.register(StanConfig, StanVideoProcessor, exist_ok=True)
+AutoProcessor.register(StanConfig, StanProcessor, exist_ok=True)
 StanConfig.register_for_auto_class()
 
 __all__ = [
@@ -29,4 +37,10 @@ __all__ = [
     "StanForVideoTextRetrieval",
     "StanForVideoClassification",
     "video_text_contrastive_loss",
+    "StanVideoProcessor",
+    "StanProcessor",
+    "VideoDecodeError",
+    "VideoMetadata",
+    "decode_video",
+    "sample_frame_indices",
 ]

@@ -1,0 +1,49 @@
+"""Processor of STAN: a CLIP tokenizer for captions and a `StanVideoProcessor` for videos, saved and loaded as one."""
+
+from transformers.processing_utils import ProcessorMixin
+from transformers.video_processing_utils import VideoProcessorMixin
+
+from .video_processing_stan import StanVideoProcessor
+
+
+class StanProcessor(ProcessorMixin):
+    r"""
+    Wraps a [`StanVideoProcessor`] and a CLIP tokenizer into a single processor.
+
+    `processor(text=captions, videos=videos, return_tensors="pt", padding=True, truncation=True, max_length=32)`
+    returns `input_ids` and `attention_mask` for the text and `pixel_values` for the videos (see
+    [`StanVideoProcessor`] for the accepted videos and the layout of `pixel_values`); either input may be omitted.
+    Video options (`num_frames`, `train`, `num_crops`, ...) and text options (`padding`, `max_length`, ...) are
+    passed the same way and reach the component they belong to.
+
+    Args:
+        video_processor ([`StanVideoProcessor`]): turns videos into `pixel_values`.
+        tokenizer ([`CLIPTokenizer`]): turns captions into `input_ids` and `attention_mask`.
+    """
+
+    def __init__(self, video_processor=None, tokenizer=None, **kwargs):
+        super().__init__(video_processor, tokenizer, **kwargs)
+
+    def __call__(self, text=None, videos=None, **kwargs):
+        for modality in ("images", "audio"):
+            if kwargs.get(modality) is not None:
+                raise TypeError(f"{type(self).__name__} takes text= and videos=, not {modality}=.")
+        return super().__call__(text=text, videos=videos, **kwargs)
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        # transformers exports `VideoProcessorMixin` (where the base method looks it up) only when torchvision is
+        # installed; checking against the class itself keeps this processor torchvision-free.
+        if argument_name != "video_processor":
+            return super().check_argument_for_proper_class(argument_name, argument)
+        if not isinstance(argument, VideoProcessorMixin):
+            raise TypeError(f"video_processor must be a video processor, got {type(argument).__name__}.")
+        return VideoProcessorMixin
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoProcessor"):
+        """Also registers the video processor: `AutoVideoProcessor` finds remote code only in its own `auto_map`."""
+        super().register_for_auto_class(auto_class)
+        StanVideoProcessor.register_for_auto_class("AutoVideoProcessor")
+
+
+__all__ = ["StanProcessor"]
