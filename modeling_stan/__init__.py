@@ -17,6 +17,7 @@ from .modeling_stan import (
     StanVisionModel,
     video_text_contrastive_loss,
 )
+from .pipeline_zero_shot_video_classification import ZeroShotVideoClassificationPipeline, register_pipelines
 from .processing_stan import StanProcessor
 from .video_io import VideoDecodeError, VideoMetadata, decode_video, sample_frame_indices
 from .video_processing_stan import StanVideoProcessor
@@ -28,6 +29,7 @@ AutoModelForVideoClassification.register(StanConfig, StanForVideoClassification,
 AutoVideoProcessor.register(StanConfig, StanVideoProcessor, exist_ok=True)
 AutoProcessor.register(StanConfig, StanProcessor, exist_ok=True)
 StanConfig.register_for_auto_class()
+register_pipelines()
 
 __all__ = [
     "StanConfig",
@@ -43,4 +45,5 @@ __all__ = [
     "VideoMetadata",
     "decode_video",
     "sample_frame_indices",
+    "ZeroShotVideoClassificationPipeline",
 ]

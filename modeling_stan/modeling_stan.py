@@ -560,8 +560,20 @@ class StanModel(StanPreTrainedModel):
         text_attention_mask: torch.Tensor | None = None,
         frame_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Unscaled (text, video) similarity matrix: cosine of the pooled embeddings."""
-        return l2_normalize(text_embeds) @ l2_normalize(video_embeds).t()
+        """Unscaled (text, video) similarity under `config.alignment` (Mug needs token and frame embeddings)."""
+        if self.config.alignment == "mean":
+            return l2_normalize(text_embeds) @ l2_normalize(video_embeds).t()
+        if token_embeds is None or frame_embeds is None:
+            raise ValueError("alignment='mug' needs token_embeds and frame_embeds.")
+        if text_attention_mask is None:
+            text_attention_mask = torch.ones(token_embeds.shape[:2], dtype=torch.long, device=token_embeds.device)
+        return mug_similarity(
+            token_embeds,
+            text_attention_mask,
+            frame_embeds,
+            variant=self.config.mug_variant,
+            lam=self.config.mug_lambda,
+        )
 
     def forward(
         self,
@@ -604,31 +616,8 @@ class StanModel(StanPreTrainedModel):
 
 
 class StanForVideoTextRetrieval(StanModel):
-    """The STAN dual encoder with the retrieval recipe: mean-pooled cosine or Mug-STAN's mutual-guided alignment,
-    a learnable or fixed temperature, and the summed symmetric InfoNCE loss. Weights are laid out as `StanModel`'s."""
-
-    def similarity(
-        self,
-        text_embeds: torch.Tensor,
-        video_embeds: torch.Tensor,
-        token_embeds: torch.Tensor | None = None,
-        text_attention_mask: torch.Tensor | None = None,
-        frame_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Unscaled (text, video) similarity under `config.alignment` (Mug needs token and frame embeddings)."""
-        if self.config.alignment == "mean":
-            return super().similarity(text_embeds, video_embeds)
-        if token_embeds is None or frame_embeds is None:
-            raise ValueError("alignment='mug' needs token_embeds and frame_embeds.")
-        if text_attention_mask is None:
-            text_attention_mask = torch.ones(token_embeds.shape[:2], dtype=torch.long, device=token_embeds.device)
-        return mug_similarity(
-            token_embeds,
-            text_attention_mask,
-            frame_embeds,
-            variant=self.config.mug_variant,
-            lam=self.config.mug_lambda,
-        )
+    """The STAN dual encoder set up for retrieval training: `forward` returns the symmetric InfoNCE loss (summed
+    directions by default) under the configured alignment and temperature. Weights are laid out as `StanModel`'s."""
 
     def forward(self, *args, return_loss: bool | None = True, **kwargs) -> StanOutput:
         return super().forward(*args, return_loss=return_loss, **kwargs)

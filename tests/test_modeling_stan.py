@@ -173,6 +173,19 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, model_class):
         )
 
 
+def test_mug_checkpoint_loaded_through_automodel_scores_with_mug(tmp_path):
+    from modeling_stan.mug_alignment import mug_similarity
+
+    config = tiny_stan_config(alignment="mug", mug_variant="full")
+    StanForVideoTextRetrieval(config).save_pretrained(tmp_path)
+    model = AutoModel.from_pretrained(tmp_path).eval()
+    ids, mask = random_text(config)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=random_video())
+        expected = mug_similarity(out.token_embeds, mask, out.frame_embeds, variant="full") * model.logit_scale.exp()
+    torch.testing.assert_close(out.logits_per_text, expected)
+
+
 def test_auto_classes_resolve_stan(tmp_path):
     config = tiny_stan_config(id2label={0: "a", 1: "b"})
     StanForVideoClassification(config).save_pretrained(tmp_path)
