@@ -1,8 +1,7 @@
 """Mug (mutual-guided) alignment of Mug-STAN, computed in bounded memory.
 
-Mug scores a text against a video from the token-frame similarity grid
-g[a, b, n, t] = <w[a, n], v[b, t]> of L2-normalised text token embeddings w and frame
-embeddings v: every token softly picks its best frames, every frame its best tokens, and
+Mug scores text a against video b from the token-frame similarities
+<w[a, n], v[b, t]> of L2-normalised text token embeddings w and frame embeddings v: every token softly picks its best frames, every frame its best tokens, and
 the two views are pooled again with softmax weights of inverse temperature `lam`.
 
 The public implementation builds the whole texts x videos x tokens x frames grid (plus
@@ -40,9 +39,9 @@ NORM_EPS = 1e-6
 # Memory the per-block intermediates may take when chunk sizes are chosen automatically.
 DEFAULT_CHUNK_MEMORY_BYTES = 256 * 2**20
 
-# Float32 (tokens x frames) tensors per (text, video) pair alive at the peak of a block
-# (the grid, its scaled logits, softmax weights, weighted product, plus the matmul output);
-# measured on CPU with benchmarks/mug_memory.py and rounded up.
+# (tokens x frames) grids per (text, video) pair alive at the peak of a block: the
+# grid, its masked copy, the exp weights and the weighted product. Peak RSS growth of one
+# block measured ~4.7 grids on CPU in inference; 6 leaves headroom.
 _LIVE_GRIDS_PER_PAIR = 6
 
 
@@ -83,11 +82,11 @@ def mug_similarity(
     _check_inputs(text_token_embeds, text_mask, frame_embeds, variant, lam)
     num_texts, num_tokens, _ = text_token_embeds.shape
     num_videos, num_frames, _ = frame_embeds.shape
-    text_chunk, video_chunk = _chunk_sizes(
-        num_texts, num_videos, num_tokens * num_frames, text_chunk_size, video_chunk_size
-    )
-    accumulate_dtype = _accumulate_dtype(text_token_embeds.dtype, frame_embeds.dtype)
-    videos = _l2_normalize(frame_embeds, accumulate_dtype)
+    matmul_dtype = torch.promote_types(text_token_embeds.dtype, frame_embeds.dtype)
+    accumulate_dtype = _accumulate_dtype(matmul_dtype)
+    grid_bytes = num_tokens * num_frames * torch.finfo(accumulate_dtype).bits // 8
+    text_chunk, video_chunk = _chunk_sizes(num_texts, num_videos, grid_bytes, text_chunk_size, video_chunk_size)
+    videos = _l2_normalize(frame_embeds, matmul_dtype, accumulate_dtype)
     is_real_token = text_mask != 0
     score_block = _SCORE_BLOCK[variant]
 
@@ -98,7 +97,7 @@ def mug_similarity(
         text_block = slice(text_start, text_start + text_chunk)
         # Texts are normalised block by block: a normalised copy of all token embeddings
         # would be the largest tensor of a big evaluation.
-        texts = _l2_normalize(text_token_embeds[text_block], accumulate_dtype)
+        texts = _l2_normalize(text_token_embeds[text_block], matmul_dtype, accumulate_dtype)
         for video_start in range(0, num_videos, video_chunk):
             video_block = slice(video_start, video_start + video_chunk)
             grid = _token_frame_grid(texts, videos[video_block], accumulate_dtype)
@@ -106,78 +105,97 @@ def mug_similarity(
     return scores
 
 
-def _accumulate_dtype(*dtypes):
+def _accumulate_dtype(dtype):
     """Float64 stays float64; everything else (fp32, bf16, fp16) is accumulated in float32."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _l2_normalize(embeds, accumulate_dtype):
+def _l2_normalize(embeds, matmul_dtype, accumulate_dtype):
     """x / max(|x|, NORM_EPS) as the public code does, computed in `accumulate_dtype` and
-    returned in the input dtype so the big matmul keeps the caller's precision (bf16 on GPU)."""
+    returned in `matmul_dtype` so the big matmul keeps the caller's precision (bf16 on GPU)."""
     wide = embeds.to(accumulate_dtype)
     norms = wide.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    return (wide / norms).to(embeds.dtype)
+    return (wide / norms).to(matmul_dtype)
 
 
 def _token_frame_grid(texts, videos, accumulate_dtype):
-    """g[a, b, n, t] = <texts[a, n], videos[b, t]> as one (a*N, E) x (E, b*T) matmul."""
+    """g[a, n, b, t] = <texts[a, n], videos[b, t]> from one (a*N, E) x (E, b*T) matmul.
+
+    The (texts, tokens, videos, frames) layout is the matmul's own, so no transposed copy
+    of the largest tensor is made; token axis 1, frame axis 3.
+    """
     num_texts, num_tokens, width = texts.shape
     num_videos, num_frames, _ = videos.shape
-    flat = texts.reshape(-1, width) @ videos.to(texts.dtype).reshape(-1, width).T
-    grid = flat.view(num_texts, num_tokens, num_videos, num_frames).transpose(1, 2)
-    return grid.to(accumulate_dtype)
+    flat = texts.reshape(-1, width) @ videos.reshape(-1, width).T
+    return flat.view(num_texts, num_tokens, num_videos, num_frames).to(accumulate_dtype)
 
 
-def _softmax_weights(scores, lam, dim, keep=None):
-    """softmax(lam * scores) along `dim`, entries where `keep` is False excluded."""
-    logits = lam * scores
-    if keep is not None:
-        logits = logits.masked_fill(~keep, float("-inf"))
-    return torch.softmax(logits, dim=dim)
+def _unnormalized_softmax(scores, lam, dim, keep=None):
+    """exp(lam * (scores - max)) along `dim`, zero where `keep` is False.
+
+    Normalising is left to the caller: a soft maximum only needs sum(e * x) / sum(e).
+    Written out rather than with torch.softmax, which is several times slower on CPU over
+    a short axis (12 frames) and has a large fixed cost on small tensors.
+    """
+    logits = scores if keep is None else scores.masked_fill(~keep, float("-inf"))
+    # Any shift gives the same result; detaching the max keeps it out of the gradient.
+    weights = logits - logits.detach().amax(dim, keepdim=True)
+    return weights.mul_(lam).exp_()
+
+
+def _softmax_weights(scores, lam, dim):
+    weights = _unnormalized_softmax(scores, lam, dim)
+    return weights / weights.sum(dim, keepdim=True)
 
 
 def _softmax_pool(scores, lam, dim, keep=None):
-    """Sum of `scores` along `dim` weighted by their own softmax: a soft maximum."""
-    return (_softmax_weights(scores, lam, dim, keep) * scores).sum(dim)
+    """sum_i softmax_i(lam * scores) * scores along `dim` (a soft maximum); entries where
+    `keep` is False get zero weight."""
+    weights = _unnormalized_softmax(scores, lam, dim, keep)
+    return (weights * scores).sum(dim) / weights.sum(dim)
 
 
 def _frame_scores(grid, token_keep, lam):
-    """Per frame: soft maximum over the text's real tokens. (a, b, T)."""
-    return _softmax_pool(grid, lam, dim=-2, keep=token_keep[..., None])
+    """Per (text, video, frame): soft maximum over the text's real tokens. (a, b, T)."""
+    return _softmax_pool(grid, lam, dim=1, keep=token_keep[..., None])
+
+
+def _token_scores(grid, lam):
+    """Per (text, token, video): soft maximum over the video's frames. (a, N, b)."""
+    return _softmax_pool(grid, lam, dim=3)
 
 
 def _score_block_simple(grid, is_real_token, lam):
-    token_keep = is_real_token[:, None, :]  # (a, 1, N), broadcasts over videos
-    token_scores = _softmax_pool(grid, lam, dim=-1)  # (a, b, N); padded rows are dropped below
-    text_to_video = _softmax_pool(token_scores, lam, dim=-1, keep=token_keep)
+    token_keep = is_real_token[:, :, None]  # (a, N, 1), broadcasts over videos
+    # Padded tokens' scores are computed but excluded here, as the public code's 0 -> -inf.
+    text_to_video = _softmax_pool(_token_scores(grid, lam), lam, dim=1, keep=token_keep)
     video_to_text = _softmax_pool(_frame_scores(grid, token_keep, lam), lam, dim=-1)
     return (text_to_video + video_to_text) / 2
 
 
 def _score_block_full(grid, is_real_token, lam):
-    token_keep = is_real_token[:, None, :]
-    # A padded token's similarities are zeroed before its softmax over frames (uniform
-    # weights) but its pooled score uses its true similarities: the public code weights
-    # the frame embeddings and dots the result with the unmasked token embedding.
-    masked_grid = grid.masked_fill(~token_keep[..., None], 0.0)
-    token_scores = (_softmax_weights(masked_grid, lam, dim=-1) * grid).sum(-1)  # (a, b, N)
-    token_weights = _softmax_weights(token_scores, lam, dim=-1)  # padded tokens included
-    frame_weights = _softmax_weights(_frame_scores(grid, token_keep, lam), lam, dim=-1)
+    token_keep = is_real_token[:, :, None]
+    # The public code zeroes a padded token's similarities before its softmax over frames
+    # (uniform weights) but dots the pooled frames with the unmasked token embedding: its
+    # score is its mean similarity to the frames, and it stays in the token softmax.
+    token_scores = torch.where(token_keep, _token_scores(grid, lam), grid.mean(dim=3))
+    token_weights = _softmax_weights(token_scores, lam, dim=1)  # (a, N, b)
+    frame_weights = _softmax_weights(_frame_scores(grid, token_keep, lam), lam, dim=-1)  # (a, b, T)
     # <sum_n q_n w_n, sum_t r_t v_t> = sum_{n,t} q_n g_nt r_t: no E-sized vectors needed.
-    return torch.einsum("abn,abnt,abt->ab", token_weights, grid, frame_weights)
+    return torch.einsum("anb,anbt,abt->ab", token_weights, grid, frame_weights)
 
 
 _SCORE_BLOCK = {"simple": _score_block_simple, "full": _score_block_full}
 
 
-def _chunk_sizes(num_texts, num_videos, grid_elements, text_chunk_size, video_chunk_size):
-    """Block shape (texts, videos). Unset sizes are derived from the memory budget, as square
-    as the batch allows (large blocks keep the matmul efficient)."""
+def _chunk_sizes(num_texts, num_videos, grid_bytes, text_chunk_size, video_chunk_size):
+    """Block shape (texts, videos). Unset sizes are derived from the memory budget and the
+    bytes of one pair's (tokens x frames) grid, as square as the batch allows (large blocks
+    keep the matmul efficient)."""
     for name, size in (("text_chunk_size", text_chunk_size), ("video_chunk_size", video_chunk_size)):
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"mug_similarity: {name} must be a positive int or None, got {size!r}.")
-    bytes_per_pair = grid_elements * _LIVE_GRIDS_PER_PAIR * 4
-    pairs = max(1, DEFAULT_CHUNK_MEMORY_BYTES // bytes_per_pair)
+    pairs = max(1, DEFAULT_CHUNK_MEMORY_BYTES // (grid_bytes * _LIVE_GRIDS_PER_PAIR))
     text_chunk = text_chunk_size or min(num_texts, max(1, math.isqrt(pairs)))
     video_chunk = video_chunk_size or min(num_videos, max(1, pairs // text_chunk))
     if text_chunk_size is None:
@@ -201,6 +219,9 @@ def _check_inputs(text_token_embeds, text_mask, frame_embeds, variant, lam):
             "mug_similarity: text_token_embeds and frame_embeds must share the embedding size E, got "
             f"{text_token_embeds.shape[-1]} and {frame_embeds.shape[-1]}."
         )
+    devices = {value.device for value in (text_token_embeds, text_mask, frame_embeds)}
+    if len(devices) > 1:
+        raise ValueError(f"mug_similarity: all inputs must be on one device, got {sorted(map(str, devices))}.")
     if text_mask.shape != text_token_embeds.shape[:2]:
         raise ValueError(
             f"mug_similarity: text_mask must have shape (B_text, N) = {tuple(text_token_embeds.shape[:2])}, "
