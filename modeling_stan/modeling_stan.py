@@ -300,7 +300,7 @@ class StanBranch(nn.Module):
 
     def __init__(self, config: StanConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.stan_depth).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, config.stan_depth, device="cpu").tolist()
         self.time_embedding = StanTimeEmbedding(config.max_frames, config.vision_config.hidden_size)
         self.layers = nn.ModuleList([StanLayer(config, rate) for rate in rates])
 
