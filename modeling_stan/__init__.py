@@ -17,6 +17,16 @@ from .modeling_stan import (
     StanVisionModel,
     video_text_contrastive_loss,
 )
+from .metrics import (
+    aggregate_views,
+    dual_softmax,
+    gallery_to_query_metrics,
+    querybank_normalize,
+    retrieval_metrics,
+    text_to_video_and_video_to_text,
+    topk_accuracy,
+)
+from .mug_alignment import mug_similarity
 from .pipeline_zero_shot_video_classification import ZeroShotVideoClassificationPipeline, register_pipelines
 from .processing_stan import StanProcessor
 from .video_io import VideoDecodeError, VideoMetadata, decode_video, sample_frame_indices
@@ -46,4 +56,12 @@ __all__ = [
     "decode_video",
     "sample_frame_indices",
     "ZeroShotVideoClassificationPipeline",
+    "mug_similarity",
+    "retrieval_metrics",
+    "gallery_to_query_metrics",
+    "text_to_video_and_video_to_text",
+    "dual_softmax",
+    "querybank_normalize",
+    "topk_accuracy",
+    "aggregate_views",
 ]
