@@ -1,0 +1,324 @@
+"""Tests of the training scripts (training/): optimiser recipe, config files, resumable data order, atomic
+checkpoints, exact resumption (also after SIGKILL mid-checkpoint), corrupt videos, non-finite losses, and the
+no-argument demos learning far above chance.
+
+Runs happen in this process (`main(argv)`) except the one that must be killed; all of them use the tiny default model
+on a small synthetic dataset generated once per module.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from conftest import REPO_ROOT, tiny_stan_config
+
+from modeling_stan import StanForVideoTextRetrieval
+from modeling_stan.synthetic_videos import generate_synthetic_dataset
+
+
+sys.path.insert(0, str(REPO_ROOT / "training"))
+import run_classification  # noqa: E402
+import run_retrieval  # noqa: E402
+import stan_training  # noqa: E402
+from stan_checkpointing import CheckpointManager  # noqa: E402
+
+
+SIZES = {"train": 16, "validation": 8, "test": 8}
+SMALL = [
+    "--synthetic_num_train", SIZES["train"], "--synthetic_num_val", SIZES["validation"],
+    "--synthetic_num_test", SIZES["test"], "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 8,
+]
+# Constant learning rate after a 4-step warm-up, so that stopping at --max_steps 3 does not change the schedule of
+# the steps before it; drop path on (in the second STAN layer), so that the restored RNG state matters; validation
+# and checkpoints in between.
+RESUMABLE = [
+    *SMALL, "--seed", 3, "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", 4,
+    "--stan_depth", 2, "--drop_path_rate", 0.2,
+    "--eval_strategy", "steps", "--eval_steps", 2, "--save_strategy", "steps", "--save_steps", 2,
+]
+
+
+def _reset_accelerate() -> None:
+    # Each in-process run builds its own Accelerator, as a fresh process would.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run(script, output_dir, *flags) -> dict:
+    _reset_accelerate()
+    try:
+        return script.main(["--output_dir", str(output_dir), *map(str, flags)])
+    finally:
+        _reset_accelerate()
+
+
+def dump(folder, rank: int = 0) -> list[dict]:
+    with open(folder / f"rank{rank}.jsonl", encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
+
+
+def loss_curve(records: list[dict]) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in records if "step" in record}
+
+
+def final_hash(records: list[dict]) -> str:
+    return [record for record in records if "weights_sha256" in record][-1]["weights_sha256"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    generate_synthetic_dataset(root, num_train=SIZES["train"], num_val=SIZES["validation"], num_test=SIZES["test"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_dir):
+    """An uninterrupted 6-step run: its per-step losses and final weight hash."""
+    folder = tmp_path_factory.mktemp("reference")
+    run(run_retrieval, folder / "out", *RESUMABLE, "--data_dir", data_dir, "--max_steps", 6,
+        "--debug_dump_dir", folder / "dump")
+    return dump(folder / "dump")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimiser, arguments, sampler, checkpoint manager
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_parameter_groups_follow_the_authors_recipe():
+    model = StanForVideoTextRetrieval(tiny_stan_config(stan_depth=2))
+    model.text_projection.requires_grad_(False)
+    groups = stan_training.parameter_groups(model, learning_rate=1e-5, weight_decay=0.05, stan_lr_multiplier=10.0)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    group_of = {names[id(p)]: (group["lr"], group["weight_decay"]) for group in groups for p in group["params"]}
+
+    assert group_of["vision_model.stan.layers.0.temporal.temporal_fc.weight"] == (1e-4, 0.05)
+    assert group_of["vision_model.stan.layers.1.spatial.mlp.fc1.weight"] == (1e-4, 0.05)
+    for stan_no_decay in ("vision_model.stan.layers.0.temporal.temporal_fc.bias",
+                          "vision_model.stan.layers.0.spatial.layer_norm1.weight",
+                          "vision_model.stan.time_embedding.weight"):
+        assert group_of[stan_no_decay] == (1e-4, 0.0), stan_no_decay
+    assert group_of["vision_model.encoder.layers.0.self_attn.q_proj.weight"] == (1e-5, 0.05)
+    assert group_of["visual_projection.weight"] == (1e-5, 0.05)
+    for clip_no_decay in ("vision_model.encoder.layers.0.self_attn.q_proj.bias",
+                          "vision_model.post_layernorm.weight",
+                          "vision_model.embeddings.class_embedding",
+                          "vision_model.embeddings.position_embedding.weight",
+                          "text_model.embeddings.token_embedding.weight",
+                          "logit_scale"):
+        assert group_of[clip_no_decay] == (1e-5, 0.0), clip_no_decay
+    # Frozen parameters are not handed to the optimiser; every trainable one is, once.
+    assert "text_projection.weight" not in group_of
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert sorted(group_of) == sorted(trainable) and sum(len(g["params"]) for g in groups) == len(trainable)
+
+
+def test_config_file_then_flags_override(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    # YAML reads 2e-5 as a string: it must still become a float, as the same flag would.
+    config.write_text("learning_rate: 2e-5\nnum_frames: 12\nrandom_resized_crop_scale: [0.5, 1.0]\n"
+                      "gradient_checkpointing: true\nalignment: mug\n")
+    model, data, retrieval, training = stan_training.parse_arguments(
+        run_retrieval.RetrievalScript.argument_types, {"num_frames": 4, "learning_rate": 1.0},
+        ["--config", str(config), "--num_frames", "16"],
+    )
+    assert training.learning_rate == 2e-5
+    assert data.num_frames == 16  # the flag beats the file, which beats the script default
+    assert data.random_resized_crop_scale == [0.5, 1.0]
+    assert model.gradient_checkpointing is True and retrieval.alignment == "mug"
+
+
+def test_config_file_errors_name_the_file_and_option(tmp_path):
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("learning_rat: 1.0\n")
+    with pytest.raises(ValueError, match=r"unknown\.yaml.*learning_rat"):
+        stan_training.parse_arguments(run_retrieval.RetrievalScript.argument_types, {}, ["--config", str(unknown)])
+    wrong_type = tmp_path / "wrong.json"
+    wrong_type.write_text('{"num_frames": "eight"}')
+    with pytest.raises(ValueError, match=r"wrong\.json.*num_frames"):
+        stan_training.parse_arguments(run_retrieval.RetrievalScript.argument_types, {}, ["--config", str(wrong_type)])
+    with pytest.raises(ValueError, match="--eval_strategy"):
+        stan_training.parse_arguments(run_retrieval.RetrievalScript.argument_types, {}, ["--eval_strategy", "sometimes"])
+
+
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipe_configs_parse(config):
+    dataset = yaml.safe_load(config.read_text())["dataset"]
+    script = next(script for script in (run_retrieval.RetrievalScript, run_classification.ClassificationScript)
+                  if dataset in script.dataset_formats)
+    model, _, _, training = stan_training.parse_arguments(script.argument_types, {}, ["--config", str(config)])
+    assert model.model_name_or_path.startswith("openai/clip-vit-")
+    assert training.metric_for_best_model in ("t2v_R@1", "top1")
+
+
+def test_epoch_sampler_order_is_a_function_of_seed_and_epoch():
+    sampler = stan_training.EpochSampler(10, seed=7, shuffle=True, multiple_of=4)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # re-creatable at any time: what resumption relies on
+    assert len(first) == len(sampler) == 8  # cut to whole global batches
+    assert [row for row, _ in first] != [row for row, _ in second]
+    assert len({row for row, _ in first}) == 8
+    # A sample's augmentation seed depends on (seed, epoch, row) only, not on its position in the order.
+    other_layout = stan_training.EpochSampler(10, seed=7, shuffle=True, multiple_of=2)
+    assert dict(first).items() <= dict(other_layout).items()
+    assert dict(first) != dict(second)
+    assert list(stan_training.EpochSampler(3, seed=7, shuffle=False)) == [(0, None), (1, None), (2, None)]
+
+
+def test_checkpoint_manager_keeps_the_last_ones_and_the_best(tmp_path):
+    _reset_accelerate()
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    manager = CheckpointManager(accelerator, tmp_path / "checkpoints", total_limit=2)
+    assert manager.resolve("latest") is None and manager.resolve(None) is None
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-9").mkdir(parents=True)  # left by a crash
+    for step in (1, 2, 3, 4):
+        manager.save(step, protected_step=1)
+    assert manager.steps() == [1, 3, 4]
+    assert manager.resolve("latest") == tmp_path / "checkpoints" / "checkpoint-4"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
+    assert (manager.path(4) / "model.safetensors").is_file()
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        manager.resolve(str(tmp_path / "nowhere"))
+    _reset_accelerate()
+
+
+def test_all_gather_with_grad_is_the_identity_on_one_process():
+    tensor = torch.randn(3, 2, requires_grad=True)
+    assert stan_training.all_gather_with_grad(tensor) is tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resumption
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_dir, reference_run):
+    output, dump_dir = tmp_path / "out", tmp_path / "dump"
+    common = [*RESUMABLE, "--data_dir", data_dir, "--debug_dump_dir", dump_dir]
+    run(run_retrieval, output, *common, "--max_steps", 3)
+    assert (output / "checkpoints" / "checkpoint-3").is_dir()
+    run(run_retrieval, output, *common, "--max_steps", 6, "--resume_from_checkpoint", "latest")
+
+    records = dump(dump_dir)
+    # Steps 1-3 come from the first run, 4-6 from the resumed one (which restarts mid-epoch: 4 steps an epoch).
+    assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 4, 5, 6]
+    assert loss_curve(records) == loss_curve(reference_run)
+    assert final_hash(records) == final_hash(reference_run)
+
+
+def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, data_dir, reference_run):
+    output, dump_dir = tmp_path / "out", tmp_path / "dump"
+    common = [*RESUMABLE, "--data_dir", data_dir, "--debug_dump_dir", dump_dir, "--max_steps", 6]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(REPO_ROOT / "training" / "run_retrieval.py"), "--output_dir", str(output),
+               *map(str, common), "--debug_checkpoint_write_delay", "0.3"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    in_flight = output / "checkpoints" / ".tmp-checkpoint-4"
+    try:
+        deadline = time.monotonic() + 240
+        while not in_flight.is_dir():
+            assert process.poll() is None, "the run ended before writing checkpoint-4"
+            assert time.monotonic() < deadline, "checkpoint-4 was never started"
+            time.sleep(0.05)
+        time.sleep(0.2)  # inside the writer's pauses between files
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
+    assert checkpoints == [".tmp-checkpoint-4", "checkpoint-2"]
+
+    run(run_retrieval, output, *common, "--resume_from_checkpoint", "latest")
+    resumed = [r for r in dump(dump_dir) if "step" in r]
+    # The killed run logged steps 1-4; the resumed one starts again after step 2.
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 3, 4, 5, 6]
+    assert {r["step"]: r["loss"] for r in resumed[4:]} == {s: l for s, l in loss_curve(reference_run).items() if s > 2}
+    assert final_hash(dump(dump_dir)) == final_hash(reference_run)
+    assert not in_flight.exists()  # the leftover is cleaned up by the next save
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Operations: corrupt videos, non-finite losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_corrupt_videos_are_skipped_and_counted(tmp_path, data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, symlinks=True)
+    (data / "videos" / "video0.mp4").write_bytes(b"")  # a training video (two captions)
+    (data / "videos" / f"video{SIZES['train']}.mp4").write_bytes(b"\x00not a video" * 50)  # a validation video
+    results = run(run_retrieval, tmp_path / "out", *SMALL, "--data_dir", data, "--num_train_epochs", 1)
+
+    saved = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert saved["train"]["corrupt_samples"] == 2
+    assert saved["train"]["corrupt_samples_per_epoch"] == {"0": 2}
+    assert saved["validation"]["corrupt_videos"] == 1.0
+    assert saved["test"]["corrupt_videos"] == 0.0
+    assert results["train"]["steps"] == 4
+    # Raw and dual-softmax metrics on both splits; QB-Norm (a pass over the training captions) on test only.
+    assert {"t2v_R@1", "v2t_MdR", "dsl_t2v_R@1", "dsl_v2t_MnR"} <= saved["validation"].keys()
+    assert {"t2v_R@1", "dsl_v2t_R@1", "qbnorm_t2v_R@1"} <= saved["test"].keys()
+    assert not any(name.startswith("qbnorm") for name in saved["validation"])
+
+
+def test_classification_with_multi_view_testing(tmp_path, data_dir):
+    results = run(run_classification, tmp_path / "out", *SMALL, "--data_dir", data_dir, "--max_steps", 2,
+                  "--num_test_clips", 2, "--num_test_crops", 3, "--eval_strategy", "no", "--save_strategy", "no")
+    # 8 test videos x 6 views each, averaged back to one prediction per video.
+    assert results["test"]["corrupt_videos"] == 0.0
+    assert results["test"]["top1"] in {100 * k / 8 for k in range(9)}
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "bottom_to_top", "1": "left_to_right", "2": "right_to_left", "3": "top_to_bottom"}
+
+
+def test_nonfinite_loss_skips_the_step_then_stops_the_run(tmp_path, data_dir):
+    dump_dir = tmp_path / "dump"
+    common = [*SMALL, "--data_dir", data_dir, "--eval_strategy", "no", "--save_strategy", "no"]
+    results = run(run_retrieval, tmp_path / "once", *common, "--max_steps", 3, "--debug_nonfinite_steps", 2,
+                  "--debug_dump_dir", dump_dir)
+    assert [r["applied"] for r in dump(dump_dir) if "step" in r] == [True, False, True]
+    assert results["train"]["nonfinite_steps"] == 1
+
+    with pytest.raises(stan_training.NonFiniteLossError, match=r"Step 3: non-finite loss.*Stopping"):
+        run(run_retrieval, tmp_path / "twice", *common, "--max_steps", 4, "--debug_nonfinite_steps", 2, 3,
+            "--max_nonfinite_steps", 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The no-argument demos, shortened
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_retrieval_demo_learns_far_above_chance(tmp_path):
+    """The default job (tiny random CLIP, 160/40/40 synthetic videos), 3 of its 12 epochs, no validation."""
+    results = run(run_retrieval, tmp_path / "out", "--num_train_epochs", 3, "--eval_strategy", "no",
+                  "--save_strategy", "no")
+    chance = 100 / 40  # R@1 of a random ranking of the 40 test videos, in percent
+    assert results["test"]["t2v_R@1"] >= 3 * chance
+    assert results["test"]["v2t_R@1"] >= 3 * chance
+    for name in ("config.json", "model.safetensors", "processor_config.json", "all_results.json", "README.md"):
+        assert (tmp_path / "out" / name).is_file(), name
+
+
+def test_classification_demo_learns_far_above_chance(tmp_path):
+    """The default job, 40 of its 60 epochs (about a minute on 2 idle cores; it runs in CI, which has the machine to
+    itself): a random CLIP needs about 300 steps to leave its initial plateau on this task, so no shorter run shows
+    it learning."""
+    results = run(run_classification, tmp_path / "out", "--num_train_epochs", 40, "--eval_strategy", "no",
+                  "--save_strategy", "no")
+    chance = 100 / 4  # four motion directions
+    assert results["test"]["top1"] >= 2 * chance
