@@ -312,6 +312,8 @@ def test_retrieval_demo_learns_far_above_chance(tmp_path):
     assert results["test"]["v2t_R@1"] >= 3 * chance
     for name in ("config.json", "model.safetensors", "processor_config.json", "all_results.json", "README.md"):
         assert (tmp_path / "out" / name).is_file(), name
+    # A trained dual encoder carries the zero-shot pipeline as remote code.
+    assert "zero-shot-video-classification" in json.loads((tmp_path / "out" / "config.json").read_text())["custom_pipelines"]
 
 
 def test_classification_demo_learns_far_above_chance(tmp_path):
