@@ -20,14 +20,13 @@ from transformers.models.clip.modeling_clip import (
     CLIPTextModel,
     CLIPVisionEmbeddings,
 )
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_stan import StanConfig
 from .mug_alignment import mug_similarity
 
 
-logger = logging.get_logger(__name__)
 
 # Written into every saved config so that a directory loads through the Auto classes as remote code.
 AUTO_MAP = {
