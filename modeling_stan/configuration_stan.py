@@ -46,6 +46,11 @@ class StanConfig(PreTrainedConfig):
     """
 
     model_type = "stan"
+    # Output fields that `Trainer` leaves out of its predictions, so that `predictions` is the logits alone (as
+    # `compute_metrics` with `np.argmax(predictions, -1)` expects).
+    keys_to_ignore_at_inference = [
+        "video_embeds", "text_embeds", "frame_embeds", "token_embeds", "text_model_output", "vision_model_output"
+    ]
     sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}
 
     text_config: dict | CLIPTextConfig | None = None

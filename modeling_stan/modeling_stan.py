@@ -20,7 +20,7 @@ from transformers.models.clip.modeling_clip import (
     CLIPTextModel,
     CLIPVisionEmbeddings,
 )
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_stan import StanConfig
@@ -51,9 +51,17 @@ class StanVisionOutput(BaseModelOutputWithPooling):
     branch_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_patches * num_frames, hidden_size)`):
         Output of the last STAN layer (video [CLS], then patch tokens in patch-major, time-minor order);
         `None` when `stan_depth == 0`.
+    hidden_states / attentions (returned with `output_hidden_states` / `output_attentions`):
+        Those of the CLIP vision layers only, per frame: shapes `(batch_size * num_frames, 1 + num_patches, ...)`.
+    branch_attentions (`tuple(torch.FloatTensor)`, returned with `output_branch_attentions=True`):
+        The attention weights of the STAN branch, two per STAN layer in order (temporal, then spatial) with
+        `temporal_module="attention"`, one per layer (spatial) with `"conv"`. Temporal: `(batch_size * num_patches,
+        num_heads, num_frames, num_frames)`; spatial: `(batch_size * num_frames, num_heads, 1 + num_patches,
+        1 + num_patches)`.
     """
 
     branch_last_hidden_state: torch.FloatTensor | None = None
+    branch_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -63,9 +71,11 @@ class StanVideoFeaturesOutput(BaseModelOutputWithPooling):
         Projected video embedding (mean of `frame_embeds`), not normalised.
     frame_embeds (`torch.FloatTensor` of shape `(batch_size, num_frames, projection_dim)`):
         Projected per-frame embeddings, not normalised.
+    hidden_states / attentions / branch_attentions: as in [`StanVisionOutput`].
     """
 
     frame_embeds: torch.FloatTensor | None = None
+    branch_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -255,7 +265,8 @@ class StanSpatialLayer(nn.Module):
         batch_size, _, hidden_size = hidden_states.shape
         video_cls, patch_tokens = hidden_states[:, :1], hidden_states[:, 1:]
         per_frame = _patch_major_to_frames(patch_tokens, num_frames)
-        frame_cls = video_cls.repeat_interleave(num_frames, dim=0)
+        # expand + reshape, not repeat_interleave: ONNX exports of the latter fix the frame count.
+        frame_cls = video_cls.unsqueeze(1).expand(-1, num_frames, -1, -1).reshape(batch_size * num_frames, 1, hidden_size)
         attended, _ = self.self_attn(self.layer_norm1(torch.cat([frame_cls, per_frame], dim=1)), **kwargs)
         attended = self.drop_path(attended)
         # The per-frame copies of the video [CLS] are averaged back into one token.
@@ -352,7 +363,9 @@ def _branch_tokens(clip_state: torch.Tensor) -> torch.Tensor:
 class StanPreTrainedModel(CLIPPreTrainedModel):
     config: StanConfig
     config_class = StanConfig
-    base_model_prefix = "stan"
+    # Like CLIP's "clip", a name no sub-module has: the towers are peers, not a base model with a head, so every STAN
+    # class is its own `base_model` (the branch is `StanVisionModel.stan`, which must not be taken for one).
+    base_model_prefix = "stan_model"
     main_input_name = "pixel_values"
     input_modalities = ("video", "text")
     supports_gradient_checkpointing = True
@@ -367,8 +380,34 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
     _can_record_outputs = {
         # Only the CLIP tower's layers: the branch's tokens have another layout.
         "hidden_states": OutputRecorder(CLIPEncoderLayer, layer_name="encoder.layers"),
-        "attentions": OutputRecorder(CLIPAttention, index=1),
+        "attentions": OutputRecorder(CLIPAttention, index=1, layer_name="encoder.layers"),
+        # The branch's attentions, on their own request (`output_branch_attentions=True`).
+        "branch_attentions": OutputRecorder(CLIPAttention, index=1, layer_name="stan.layers"),
     }
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # Every attention here is CLIP's, which dispatches through the attention interface; transformers' source
+        # heuristic takes `StanTemporalAttention` (a wrapper around CLIPAttention) for a hand-written attention.
+        return True
+
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
+        # The STAN layers and (in the vision model) CLIP's vision layers read the implementation from the sub-configs,
+        # which no sub-model of their own owns: transformers would set them blind, with a warning. A single requested
+        # implementation is checked here and set on them first.
+        if isinstance(attn_implementation, str):
+            implementation = self._check_and_adjust_attn_implementation(
+                attn_implementation, is_init_check=False, allow_all_kernels=allow_all_kernels
+            )
+            for sub_config in (self.config.text_config, self.config.vision_config):
+                sub_config._attn_implementation_internal = implementation
+        super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips parameterless modules of remote code (CLIPAttention, CLIPMLP), which would leave their
+        # weights at the generic N(0, initializer_range) instead of CLIP's scaled initialisation. `_init_weights` only
+        # uses `transformers.initialization`, which leaves loaded weights alone, so every module can be visited.
+        super()._initialize_weights(module, is_custom_code=False)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -383,8 +422,17 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
         else:
             # CLIP's initialisation; other linear and conv layers get N(0, config.initializer_range).
             super()._init_weights(module)
-        if isinstance(module, (StanModel, StanForVideoClassification)) and module.logit_scale is not None:
-            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+        factor = self.config.initializer_factor
+        if isinstance(module, (StanModel, StanForVideoClassification)):
+            # CLIP's scaled initialisation of the projections (keyed there on CLIPModel).
+            init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5 * factor)
+            if module.logit_scale is not None:
+                init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+        if isinstance(module, StanModel):
+            init.normal_(module.text_projection.weight, std=module.text_projection.in_features**-0.5 * factor)
+        elif isinstance(module, StanForVideoClassification):
+            # As CLIPForImageClassification's classifier.
+            init.normal_(module.classifier.weight, std=module.classifier.in_features**-0.5 * factor)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # The saved config names every Auto class so a Hub directory works as remote code for all of them;
@@ -452,6 +500,10 @@ class StanVisionModel(StanPreTrainedModel):
         self.stan = StanBranch(config) if config.stan_depth > 0 else None
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        # As CLIPVisionModel: the patch embedding (e.g. for `enable_input_require_grads`).
+        return self.embeddings.patch_embedding
+
     def copy_clip_layers_to_branch(self) -> None:
         """Initialises spatial module k with the weights of CLIP layer L-K+k+1 (the layer it reads)."""
         first = len(self.encoder.layers) - self.config.stan_depth
@@ -488,7 +540,9 @@ class StanVisionModel(StanPreTrainedModel):
 @contextmanager
 def _eager_attention_if_requested(model_config: StanConfig, sub_config, kwargs: dict):
     """SDPA returns no attention weights: a call that asks for them runs with eager attention."""
-    wants_attentions = kwargs.get("output_attentions", model_config.output_attentions)
+    wants_attentions = kwargs.get("output_attentions", model_config.output_attentions) or kwargs.get(
+        "output_branch_attentions", False
+    )
     previous = sub_config._attn_implementation
     switch = bool(wants_attentions) and previous not in (None, "eager")
     if switch:
@@ -503,6 +557,8 @@ def _eager_attention_if_requested(model_config: StanConfig, sub_config, kwargs: 
 class StanModel(StanPreTrainedModel):
     """The STAN video-text dual encoder: CLIP's text tower and the STAN video tower in a joint embedding space."""
 
+    main_input_name = "input_ids"
+
     def __init__(self, config: StanConfig):
         super().__init__(config)
         self.text_model = CLIPTextModel._from_config(config.text_config)
@@ -515,6 +571,7 @@ class StanModel(StanPreTrainedModel):
             self.logit_scale.requires_grad_(False)
         self.post_init()
 
+    @can_return_tuple
     def get_text_features(
         self,
         input_ids: torch.Tensor,
@@ -535,6 +592,7 @@ class StanModel(StanPreTrainedModel):
             token_embeds=self.text_projection(text_outputs.last_hidden_state),
         )
 
+    @can_return_tuple
     def get_video_features(self, pixel_values: torch.Tensor, **kwargs) -> StanVideoFeaturesOutput:
         """Projected video embeddings: `pooler_output` (B, E), the mean of `frame_embeds` (B, T, E)."""
         vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
@@ -545,6 +603,7 @@ class StanModel(StanPreTrainedModel):
             hidden_states=vision_outputs.hidden_states,
             attentions=vision_outputs.attentions,
             frame_embeds=frame_embeds,
+            branch_attentions=vision_outputs.branch_attentions,
         )
 
     def logit_scale_value(self) -> torch.Tensor:
@@ -574,6 +633,7 @@ class StanModel(StanPreTrainedModel):
             lam=self.config.mug_lambda,
         )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -588,8 +648,8 @@ class StanModel(StanPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(video_batch_size, num_frames, 3, height, width)`): video clips.
         return_loss (`bool`, *optional*): whether to return the symmetric InfoNCE loss (needs equal batch sizes).
         """
-        video_outputs = self.get_video_features(pixel_values, **kwargs)
-        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, **kwargs)
+        video_outputs = self.get_video_features(pixel_values, return_dict=True, **kwargs)
+        text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
         similarity = self.similarity(
             text_outputs.pooler_output,
             video_outputs.pooler_output,
@@ -676,6 +736,7 @@ class StanForVideoClassification(StanPreTrainedModel):
         with torch.no_grad():
             self.classifier.weight.copy_(text_embeds.to(self.classifier.weight.dtype))
 
+    @can_return_tuple
     def forward(
         self, pixel_values: torch.FloatTensor | None = None, labels: torch.LongTensor | None = None, **kwargs
     ) -> StanVideoClassifierOutput:

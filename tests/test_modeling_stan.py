@@ -145,12 +145,18 @@ def test_attentions_and_hidden_states_on_request():
     model = StanModel(config).eval()
     assert model.config.vision_config._attn_implementation == "sdpa"
     with torch.no_grad():
-        out = model.get_video_features(random_video(1, 3), output_attentions=True, output_hidden_states=True)
-    # 6 CLIP layers, then per STAN layer one temporal and one spatial attention.
-    assert len(out.attentions) == 6 + 2 * 2
+        out = model.get_video_features(
+            random_video(1, 3), output_attentions=True, output_hidden_states=True, output_branch_attentions=True
+        )
+    # attentions and hidden_states: the 6 CLIP layers; the branch: per STAN layer one temporal and one spatial.
+    assert len(out.attentions) == 6
     assert out.attentions[0].shape == (3, 4, 17, 17)  # (B*T, heads, 1+P, 1+P)
-    assert out.attentions[6].shape == (16, 4, 3, 3)  # temporal: (B*P, heads, T, T)
     assert len(out.hidden_states) == 7
+    assert len(out.branch_attentions) == 2 * 2
+    assert out.branch_attentions[0].shape == (16, 4, 3, 3)  # temporal: (B*P, heads, T, T)
+    assert out.branch_attentions[1].shape == (3, 4, 17, 17)  # spatial: (B*T, heads, 1+P, 1+P)
+    with torch.no_grad():
+        assert model.get_video_features(random_video(1, 3), output_attentions=True).branch_attentions is None
     assert model.config.vision_config._attn_implementation == "sdpa"  # restored after the call
 
 
