@@ -25,10 +25,12 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_stan import StanConfig
 from .mug_alignment import mug_similarity
+from .pipeline_zero_shot_video_classification import custom_pipelines
 
 
 
-# Written into every saved config so that a directory loads through the Auto classes as remote code.
+# Written into every saved config so that a directory loads through the Auto classes as remote code (the processor
+# classes write their own `auto_map` into the processor configs).
 AUTO_MAP = {
     "AutoConfig": "configuration_stan.StanConfig",
     "AutoModel": "modeling_stan.StanModel",
@@ -212,8 +214,9 @@ class StanTemporalAttention(nn.Module):
 
     def forward(self, patch_tokens: torch.Tensor, num_frames: int, **kwargs) -> torch.Tensor:
         batch_size, num_tokens, hidden_size = patch_tokens.shape
-        # Tokens are patch-major, time-minor, so each patch's frames are contiguous.
-        sequences = patch_tokens.reshape(-1, num_frames, hidden_size)
+        # Tokens are patch-major, time-minor, so each patch's frames are contiguous. (unflatten + flatten, not
+        # `reshape(-1, num_frames, ...)`: torch.export cannot prove the latter's guard for a dynamic frame count.)
+        sequences = patch_tokens.unflatten(1, (-1, num_frames)).flatten(0, 1)
         attended, _ = self.self_attn(self.layer_norm1(sequences), **kwargs)
         update = self.temporal_fc(self.drop_path(attended))
         return patch_tokens + update.reshape(batch_size, num_tokens, hidden_size)
@@ -435,9 +438,15 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
             init.normal_(module.classifier.weight, std=module.classifier.in_features**-0.5 * factor)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # The saved config names every Auto class so a Hub directory works as remote code for all of them;
-        # `custom_object_save` then points this class's own Auto class at it.
+        """Saves the model as a complete Hub repository (saved next to its processor, as `processor.save_pretrained`
+        does): the weights, `config.json` naming every Auto class in `auto_map`, and the model code; a dual encoder
+        also lists the `zero-shot-video-classification` pipeline under `custom_pipelines`, its code copied with the
+        model's. `pipeline(model=save_directory, trust_remote_code=True)` then works with or without this package."""
         self.config.auto_map = dict(AUTO_MAP)
+        if hasattr(self, "get_text_features"):
+            self.config.custom_pipelines = custom_pipelines()
+        # `custom_object_save` (called by the base class for a class with an Auto class) copies this file and every
+        # file it imports relatively, the pipeline's included, and points this class's own Auto class at it.
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _check_video(self, pixel_values: torch.Tensor) -> None:
@@ -763,6 +772,7 @@ class StanForVideoClassification(StanPreTrainedModel):
         )
 
 
+StanVisionModel._auto_class = "AutoModel"
 StanModel._auto_class = "AutoModel"
 StanForVideoTextRetrieval._auto_class = "AutoModel"
 StanForVideoClassification._auto_class = "AutoModelForVideoClassification"

@@ -11,9 +11,9 @@ tensor, or a list of frames); a list of videos is a batch (`batch_size` groups t
 becomes `hypothesis_template.format(label)`; the scores are the softmax over labels of the model's scaled video-text
 similarity (Mug-STAN checkpoints use their mutual-guided alignment).
 
-`save_for_hub(model, processor, directory)` saves a checkpoint that carries this file as remote code, so that
-`pipeline(model=directory, trust_remote_code=True)` works where this package is not installed. This module is
-shipped as remote code: it imports nothing from the package.
+Every saved STAN dual-encoder checkpoint carries this file as remote code and lists the task under
+`custom_pipelines` (see `StanPreTrainedModel.save_pretrained`), so `pipeline(model=directory, trust_remote_code=True)`
+works where this package is not installed. This module is shipped as remote code: it imports nothing from the package.
 """
 
 import os
@@ -24,7 +24,6 @@ from urllib.request import url2pathname
 import numpy as np
 import torch
 from transformers import AutoModel, Pipeline
-from transformers.dynamic_module_utils import custom_object_save
 from transformers.image_utils import is_pil_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -162,6 +161,19 @@ def _as_local_source(video):
     return video
 
 
+def custom_pipelines() -> dict:
+    """The `custom_pipelines` entry of a checkpoint's `config.json` that names this file's pipeline. transformers then
+    loads it from the checkpoint (and requires `trust_remote_code=True` for it even where this package is imported)."""
+    pipeline_class = ZeroShotVideoClassificationPipeline
+    return {
+        TASK: {
+            "impl": f"{pipeline_class.__module__.rsplit('.', 1)[-1]}.{pipeline_class.__name__}",
+            "pt": ["AutoModel"],
+            "type": "multimodal",
+        }
+    }
+
+
 def register_pipelines() -> None:
     """Registers `zero-shot-video-classification` with transformers' `pipeline()` (idempotent)."""
     registered = PIPELINE_REGISTRY.supported_tasks.get(TASK, {}).get("impl")
@@ -169,32 +181,3 @@ def register_pipelines() -> None:
         PIPELINE_REGISTRY.register_pipeline(
             TASK, pipeline_class=ZeroShotVideoClassificationPipeline, pt_model=AutoModel, type="multimodal"
         )
-
-
-def save_for_hub(model, processor, save_directory, **save_pretrained_kwargs) -> Path:
-    """Saves `model` and `processor` with this pipeline as remote code.
-
-    `config.json` then lists the task under `custom_pipelines`, so `pipeline(model=save_directory,
-    trust_remote_code=True)` (with or without the task name) loads this pipeline, the model and the processor from the
-    directory alone. Transformers requires `trust_remote_code=True` for a task listed there even where this package is
-    imported. `save_pretrained_kwargs` go to `model.save_pretrained` (e.g. `is_main_process`, `save_function` under
-    Accelerate); only the main process writes the processor and the pipeline code.
-    """
-    save_directory = Path(save_directory)
-    pipeline_class = ZeroShotVideoClassificationPipeline
-    model.config.custom_pipelines = {
-        TASK: {
-            "impl": f"{pipeline_class.__module__.rsplit('.', 1)[-1]}.{pipeline_class.__name__}",
-            "pt": ["AutoModel"],
-            "type": "multimodal",
-        }
-    }
-    model.save_pretrained(save_directory, **save_pretrained_kwargs)
-    if save_pretrained_kwargs.get("is_main_process", True):
-        if getattr(processor, "_auto_class", None) is None:
-            # Without an `auto_map` entry, AutoProcessor in a process without this package falls back to the
-            # tokenizer alone.
-            type(processor).register_for_auto_class()
-        processor.save_pretrained(save_directory)
-        custom_object_save(pipeline_class, save_directory)
-    return save_directory

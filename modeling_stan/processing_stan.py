@@ -46,4 +46,8 @@ class StanProcessor(ProcessorMixin):
         StanVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 
 
+# Every saved processor names itself (and its video processor) in `auto_map` and carries its code, so that a checkpoint
+# folder loads through AutoProcessor / AutoVideoProcessor where this package is not installed.
+StanProcessor.register_for_auto_class()
+
 __all__ = ["StanProcessor"]

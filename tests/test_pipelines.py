@@ -20,7 +20,6 @@ from modeling_stan.pipeline_zero_shot_video_classification import (
     TASK,
     ZeroShotVideoClassificationPipeline,
     register_pipelines,
-    save_for_hub,
 )
 from modeling_stan.video_io import VideoDecodeError
 
@@ -185,16 +184,26 @@ def test_a_classifier_without_text_tower_is_refused(classification):
         ZeroShotVideoClassificationPipeline(model=model, processor=processor, task=TASK)
 
 
-def test_registered_task_loads_a_saved_checkpoint(retrieval, video_path, tmp_path):
+def test_registered_task_runs_a_model_in_memory(retrieval, video_path):
     register_pipelines()
     register_pipelines()  # idempotent
     model, processor = retrieval
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    classifier = pipeline(TASK, model=str(tmp_path))
-    assert isinstance(classifier, ZeroShotVideoClassificationPipeline)
+    classifier = pipeline(TASK, model=model, processor=processor)
+    assert type(classifier) is ZeroShotVideoClassificationPipeline
     expected = _expected_scores(model, processor, str(video_path))
     assert _as_dict(classifier(str(video_path), candidate_labels=LABELS)) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_saved_checkpoint_names_its_pipeline_and_needs_trust_remote_code(retrieval, tmp_path):
+    model, processor = retrieval
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["custom_pipelines"][TASK]["impl"] == (
+        "pipeline_zero_shot_video_classification.ZeroShotVideoClassificationPipeline"
+    )
+    # transformers' rule for a task listed in `custom_pipelines`, even where this package is imported.
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        pipeline(TASK, model=str(tmp_path))
 
 
 def test_video_classification_pipeline(classification, video_path, tmp_path):
@@ -211,8 +220,8 @@ def test_video_classification_pipeline(classification, video_path, tmp_path):
     assert [len(p) for p in real] == [1, 1] and all(p[0]["label"] in CLASSES for p in real)
 
 
-# A process that cannot import modeling_stan (a meta-path finder refuses it) loads both pipelines from the saved
-# directories alone, as a user without this package would.
+# A process that cannot import modeling_stan (a meta-path finder refuses it) loads both pipelines from directories
+# saved with plain `save_pretrained` of the model and the processor, as a user without this package would.
 _FRESH_PROCESS = r"""
 import json, sys
 
@@ -239,10 +248,10 @@ print(json.dumps({
 
 
 def test_checkpoints_work_as_remote_code_in_a_fresh_process(retrieval, classification, video_path, tmp_path):
-    zero_shot_dir = save_for_hub(*retrieval, tmp_path / "zero_shot")
-    classification_dir = tmp_path / "classification"
-    for part in classification:
-        part.save_pretrained(classification_dir)
+    zero_shot_dir, classification_dir = tmp_path / "zero_shot", tmp_path / "classification"
+    for directory, parts in ((zero_shot_dir, retrieval), (classification_dir, classification)):
+        for part in parts:
+            part.save_pretrained(directory)
     videos = [str(video_path), str(shared_path("videos", "test.avi"))]
     script = tmp_path / "fresh.py"
     script.write_text(_FRESH_PROCESS)

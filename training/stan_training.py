@@ -36,9 +36,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, get_scheduler
 
-from modeling_stan import StanModel
 from modeling_stan.model_card import write_training_model_card
-from modeling_stan.pipeline_zero_shot_video_classification import save_for_hub
 from modeling_stan.processing_stan import StanProcessor
 from modeling_stan.synthetic_videos import generate_synthetic_dataset
 from modeling_stan.testing_utils import save_tiny_clip
@@ -1056,16 +1054,11 @@ def _tracker_config(values: dict) -> dict:
 
 def _save_final_model(accelerator: Accelerator, model: nn.Module, processor, results: dict, card: dict,
                       output_dir: Path) -> None:
-    """The model (safetensors, remote code), the processor, `all_results.json` and the model card."""
-    save_kwargs = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save)
-    if isinstance(model, StanModel):
-        # A dual encoder also carries the zero-shot pipeline as remote code (it writes the processor too).
-        save_for_hub(model, processor, output_dir, **save_kwargs)
-    else:
-        model.save_pretrained(output_dir, **save_kwargs)
-        if accelerator.is_main_process:
-            processor.save_pretrained(output_dir)
+    """The model and processor as a complete Hub repository (see `StanPreTrainedModel.save_pretrained`),
+    `all_results.json` and the model card."""
+    model.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
     if accelerator.is_main_process:
+        processor.save_pretrained(output_dir)
         with open(output_dir / "all_results.json", "w", encoding="utf-8") as file:
             json.dump(results, file, indent=2)
         write_training_model_card(output_dir, metrics=results["test"], eval_split="test", **card)
