@@ -753,6 +753,7 @@ class StanForVideoClassification(StanPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, 3, height, width)`): video clips.
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class indices for the cross-entropy loss.
         """
+        kwargs = _without_absent_text_inputs(type(self).__name__, kwargs)
         vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
         video_embeds = self.visual_projection(vision_outputs.pooler_output).mean(dim=1)
         if self.logit_scale is None:
@@ -770,6 +771,17 @@ class StanForVideoClassification(StanPreTrainedModel):
             hidden_states=vision_outputs.hidden_states,
             attentions=vision_outputs.attentions,
         )
+
+
+# PEFT's sequence-classification wrapper (`task_type="SEQ_CLS"`) calls the model with a text classifier's inputs, None.
+_TEXT_CLASSIFIER_INPUTS = ("input_ids", "attention_mask", "inputs_embeds")
+
+
+def _without_absent_text_inputs(model_name: str, kwargs: dict) -> dict:
+    given = [name for name in _TEXT_CLASSIFIER_INPUTS if kwargs.get(name) is not None]
+    if given:
+        raise TypeError(f"{model_name} classifies videos given as pixel_values; it takes no {', '.join(given)}.")
+    return {key: value for key, value in kwargs.items() if key not in _TEXT_CLASSIFIER_INPUTS}
 
 
 StanVisionModel._auto_class = "AutoModel"
