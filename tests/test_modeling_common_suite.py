@@ -6,10 +6,11 @@ import unittest
 
 import pytest
 import torch
+from test_readme import single_thread  # noqa: F401  (a fixture)
 from transformers import CLIPTextConfig, CLIPVisionConfig
+from transformers_suite import load
 
 from modeling_stan import StanConfig, StanForVideoClassification, StanModel, StanVisionModel
-from transformers_suite import load
 
 
 common = load("test_modeling_common")
@@ -20,14 +21,6 @@ ids_tensor = common.ids_tensor
 random_attention_mask = common.random_attention_mask
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class StanModelTester:
@@ -185,23 +178,22 @@ class StanVisionModelTest(ModelTesterMixin, unittest.TestCase):
         self.assertEqual(outputs.pooler_output.shape, (*frames, tester.hidden_size))
         branch_tokens = 1 + (tester.seq_length - 1) * tester.num_frames
         self.assertEqual(outputs.branch_last_hidden_state.shape, (tester.batch_size, branch_tokens, tester.hidden_size))
-        self.assertEqual(len(outputs.attentions), tester.num_hidden_layers)
-        self.assertEqual(len(outputs.branch_attentions), 2 * tester.stan_depth)
+        # `attentions` keeps to the CLIP layers, as `hidden_states` does; the branch's maps come apart.
+        frame_map = (tester.batch_size * tester.num_frames, tester.num_attention_heads, tester.seq_length, tester.seq_length)
+        self.assertEqual([tuple(a.shape) for a in outputs.attentions], [frame_map] * tester.num_hidden_layers)
+        # Every STAN layer's spatial module attends within each frame (the video [CLS] shared by all frames).
+        spatial_maps = [a for a in outputs.branch_attentions if tuple(a.shape) == frame_map]
+        self.assertEqual(len(spatial_maps), tester.stan_depth)
+        if self.temporal_module == "attention":
+            temporal_map = (tester.batch_size * (tester.seq_length - 1), tester.num_attention_heads, tester.num_frames,
+                            tester.num_frames)
+            self.assertEqual([tuple(a.shape) for a in outputs.branch_attentions[::2]], [temporal_map] * tester.stan_depth)
 
 
 class StanVisionModelConvTest(StanVisionModelTest):
     """The video tower with the STAN-conv branch (convolution temporal module)."""
 
     temporal_module = "conv"
-
-    def test_video_outputs(self):
-        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
-        model = StanVisionModel(config).eval()
-        with torch.no_grad():
-            outputs = model(**inputs, output_attentions=True, output_branch_attentions=True)
-        self.assertEqual(len(outputs.attentions), self.model_tester.num_hidden_layers)
-        # Only the spatial module of each STAN layer attends.
-        self.assertEqual(len(outputs.branch_attentions), self.model_tester.stan_depth)
 
 
 class StanModelTest(ModelTesterMixin, unittest.TestCase):

@@ -117,8 +117,9 @@ def test_every_snippet_runs_or_says_why_not():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_clip_dir):
-    """What the README's snippets expect to find: checkpoints in outputs/, video.mp4, my_videos/, and (when the
-    shared parity files exist) an authors' checkpoint with its CLIP for the converter."""
+    """What the README's snippets expect to find: checkpoints in outputs/ (saved as the training scripts save them:
+    `model.save_pretrained`, then `processor.save_pretrained`), video.mp4, my_videos/, and (when the shared parity
+    files exist) an authors' checkpoint with its CLIP for the converter."""
     root = tmp_path_factory.mktemp("readme")
     processor = tiny_processor(tiny_clip_dir)
     retrieval = StanForVideoTextRetrieval.from_clip_pretrained(
