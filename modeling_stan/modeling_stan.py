@@ -521,6 +521,11 @@ class StanVisionModel(StanPreTrainedModel):
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> StanVisionOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, 3, height, width)`): video clips.
+        output_hidden_states / output_attentions (`bool`, *optional*): those of the CLIP vision layers.
+        output_branch_attentions (`bool`, *optional*): the STAN branch's attention maps, as `branch_attentions`.
+        """
         self._check_video(pixel_values)
         batch_size, num_frames = pixel_values.shape[:2]
         with _eager_attention_if_requested(self.config, self.config.vision_config, kwargs):

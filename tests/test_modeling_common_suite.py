@@ -94,6 +94,8 @@ class StanModelTester:
 
 
 class StanVisionModelTester(StanModelTester):
+    """Inputs of the video tower and of the video classifier."""
+
     def prepare_config_and_inputs_for_common(self):
         return self.get_config(), {"pixel_values": self.prepare_video()}
 
@@ -113,11 +115,6 @@ class StanDualEncoderTester(StanModelTester):
             "return_loss": True,
         }
         return self.get_config(), inputs
-
-
-class StanForVideoClassificationTester(StanModelTester):
-    def prepare_config_and_inputs_for_common(self):
-        return self.get_config(), {"pixel_values": self.prepare_video()}
 
 
 class StanVisionModelTest(ModelTesterMixin, unittest.TestCase):
@@ -249,7 +246,7 @@ class StanForVideoClassificationTest(ModelTesterMixin, unittest.TestCase):
     _is_composite = True
 
     def setUp(self):
-        self.model_tester = StanForVideoClassificationTester(self)
+        self.model_tester = StanVisionModelTester(self)
 
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         # As VideoMAE's test: transformers adds labels only for its own video classifiers.
