@@ -742,6 +742,9 @@ class StanForVideoClassification(StanPreTrainedModel):
             model.logit_scale.data.copy_(clip.logit_scale.data)
         return model
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.get_input_embeddings()
+
     def init_classifier_from_text(self, text_embeds: torch.Tensor) -> None:
         """Sets the class embeddings of the text classifier, shape (num_labels, projection_dim)."""
         expected = (self.config.num_labels, self.config.projection_dim)

@@ -144,6 +144,7 @@ def test_input_gradients_reach_checkpointed_layers_of_a_frozen_tower():
     adapted.requires_grad_(True)
     # The reentrant variant only differentiates through a checkpointed layer whose input requires grad.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert model.get_input_embeddings() is model.vision_model.embeddings.patch_embedding
     model.enable_input_require_grads()
     model(pixel_values=tester.prepare_video(), labels=torch.tensor([0, 1, 2])).loss.backward()
     assert adapted.grad is not None and adapted.grad.abs().sum() > 0
