@@ -183,7 +183,7 @@ def test_timestampless_raw_stream_is_decoded_linearly_with_an_estimated_count(tm
 def test_stream_shorter_than_its_packets_falls_back_to_its_last_frame(gop_video):
     timeline = video_io._Timeline(pts=None, seek_points={0: None}, total_frames=100, count_frames=True)
     with av.open(str(gop_video)) as container:
-        decoded, _ = video_io._decode_frames(container, container.streams.video[0], timeline, [10, 80, 95], "x")
+        decoded, _, _ = video_io._decode_frames(container, container.streams.video[0], timeline, [10, 80, 95], "x")
     assert sorted(decoded) == [10, 59]  # the stream really ends at frame 59
     frames, indices, total = video_io._gather(decoded, np.array([[10, 80, 95]]), 100)
     assert indices.tolist() == [[10, 59, 59]] and total == 60
@@ -200,7 +200,7 @@ def test_a_seek_landing_after_its_keyframe_falls_back_to_an_earlier_keyframe(gop
     )
     targets = [keyframe + 1, keyframe + 2]
     with av.open(str(gop_video)) as container:
-        decoded, _ = video_io._decode_frames(container, container.streams.video[0], timeline, targets, "x")
+        decoded, _, _ = video_io._decode_frames(container, container.streams.video[0], timeline, targets, "x")
     reference = full_decode(gop_video)
     for target in targets:
         np.testing.assert_array_equal(decoded[target], reference[target])
