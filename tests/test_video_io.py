@@ -266,6 +266,20 @@ def test_short_video_repeats_frames(tmp_path):
         assert_frames_match_full_decode(frames, metadata, reference)
 
 
+def test_frame_transform_sees_each_decoded_frame_once_and_metadata_keeps_the_source_size(gop_video):
+    frames, metadata = decode_video(gop_video, num_frames=8, num_clips=2)
+    seen = []
+
+    def halve(rgb):
+        seen.append(rgb.shape)
+        return rgb[::2, ::2].copy()
+
+    halved, halved_metadata = decode_video(gop_video, num_frames=8, num_clips=2, frame_transform=halve)
+    np.testing.assert_array_equal(halved, frames[..., ::2, ::2, :])
+    assert (halved_metadata.height, halved_metadata.width) == (metadata.height, metadata.width) == (48, 64)
+    assert seen == [(48, 64, 3)] * len(set(np.ravel(metadata.frame_indices)))
+
+
 def test_bytes_file_like_and_path_sources_agree(gop_video):
     data = gop_video.read_bytes()
     expected, _ = decode_video(gop_video, 4)
