@@ -78,7 +78,7 @@ class InvalidFramesError(VideoDecodeError):
     """A video given as frames (arrays, tensors or images) cannot be processed as given: non-finite values (NaN or
     inf), a dtype or value range that does not say how to read it (bool, uint16, float frames in [0, 1] where the
     0-255 scale is expected), or a layout without 1 or 3 channels. `source` describes the video, e.g.
-    `"<numpy.ndarray (8, 30, 40, 3) float32>"`."""
+    `"<video 0 of the batch: numpy.ndarray (8, 30, 40, 3) float32>"`."""
 
 
 @dataclass

@@ -251,8 +251,9 @@ class StanVideoProcessor(VideoProcessorMixin):
             clips = torch.from_numpy(frames.reshape(options["num_clips"], *frames.shape[-4:]))
             # Without a transform, frames are (H, W, 3) uint8; the transform gives (3, h, w) float32.
             return (clips if transform else clips.permute(0, 1, 4, 2, 3)), metadata
-        frames = _frames_to_tensor(video, options["input_data_format"], _describe_frames(video, position))
-        _check_frame_values(frames, options["do_rescale"], _describe_frames(video, position))
+        description = _describe_frames(video, position)
+        frames = _frames_to_tensor(video, options["input_data_format"], description)
+        _check_frame_values(frames, options["do_rescale"], description)
         if not options["do_sample_frames"]:
             return frames[None], None
         if options["sampling"] == "fps":
