@@ -1,5 +1,6 @@
 """StanVideoProcessor and StanProcessor: inputs, sampling, crops, normalisation, batching, save/load, remote code."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 from modeling_stan import StanConfig
 from modeling_stan.processing_stan import StanProcessor
 from modeling_stan.testing_utils import build_tiny_clip_tokenizer
-from modeling_stan.video_processing_stan import StanVideoProcessor
+from modeling_stan.video_processing_stan import StanVideoProcessor, StanVideoProcessorKwargs
 
 
 # CLIP's normalisation constants, written out so that the tests do not read them from the code under test.
@@ -301,6 +302,14 @@ def test_processor_combines_text_and_videos(stan_processor, video_path):
     assert set(videos_only) == {"pixel_values"} and videos_only["pixel_values"].shape == (1, 2, 3, 32, 32)
     with pytest.raises(TypeError, match="not images="):
         stan_processor(text=CAPTIONS, images=np.zeros((8, 8, 3)))
+
+
+def test_processor_call_is_annotated_for_transformers_introspection():
+    # transformers reads which inputs a processor takes from the annotated parameters of __call__.
+    parameters = inspect.signature(StanProcessor.__call__).parameters
+    annotated = [name for name, parameter in parameters.items() if parameter.annotation is not parameter.empty]
+    assert annotated == ["text", "videos", "kwargs"]
+    assert StanProcessor.valid_processor_kwargs.__annotations__["videos_kwargs"] is StanVideoProcessorKwargs
 
 
 def test_processor_checks_its_components():
