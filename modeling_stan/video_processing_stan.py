@@ -358,14 +358,15 @@ def _frames_to_tensor(video, input_data_format, description: str) -> torch.Tenso
     if isinstance(video, (list, tuple)):
         frames = [_frame_to_tensor(frame, input_data_format, description) for frame in video]
         if len({frame.shape for frame in frames}) > 1:
-            raise ValueError(f"The frames of a video differ in shape: {sorted({tuple(f.shape) for f in frames})}.")
+            shapes = sorted({tuple(frame.shape) for frame in frames})
+            raise InvalidFramesError(description, f"the frames differ in shape: {shapes}")
         tensor = torch.stack(frames)
     else:
         tensor = _as_tensor(video, description)
         if _channel_dimension(tensor, input_data_format, description) == ChannelDimension.LAST:
             tensor = tensor.permute(0, 3, 1, 2)
     if len(tensor) == 0:
-        raise ValueError("A video given as frames has no frames.")
+        raise InvalidFramesError(description, "the video has no frames")
     if tensor.shape[1] not in (1, 3):
         raise InvalidFramesError(
             description,

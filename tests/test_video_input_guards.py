@@ -127,6 +127,14 @@ def test_frames_that_need_a_guess_are_refused(processor, values, match):
     assert isinstance(caught.value, VideoDecodeError) and caught.value.source.startswith("<video 1 of the batch")
 
 
+def test_frame_lists_of_mixed_sizes_and_empty_videos_are_refused(processor):
+    frames = list(numbered_frames(3, 16, 16)) + [numbered_frames(1, 16, 20)[0]]
+    with pytest.raises(InvalidFramesError, match="the frames differ in shape"):
+        processor(frames)
+    with pytest.raises(InvalidFramesError, match="the video has no frames"):
+        processor(np.zeros((0, 16, 16, 3), np.uint8))
+
+
 def test_one_nan_pixel_is_enough(processor):
     frames = numbered_frames(6, 16, 16).astype(np.float32)
     frames[5, 3, 2, 1] = np.nan
