@@ -183,10 +183,11 @@ print(json.dumps({"added_gib": (after - before) / 2**20, "shape": list(pixel_val
 @pytest.mark.parametrize(
     ("num_frames", "limit_gib"),
     [
-        # Resizing while decoding, measured: 0.28 GiB (8 frames) and 0.26 GiB (2 frames); converting whole videos to
-        # float32 before resizing took 3.36 and 0.96 GiB.
+        # Resizing while decoding, measured on 2 cores: 0.28 GiB (8 frames) and 0.26 GiB (2 frames), 0.49 and 0.47 GiB
+        # with 16 decoder threads (FFmpeg's frame threads hold frames too); converting whole videos to float32 before
+        # resizing took 3.36 and 0.96 GiB on 2 cores.
         pytest.param(8, 1.5, marks=pytest.mark.slow, id="8 frames"),  # ~20 s on a busy 2-core machine
-        pytest.param(2, 0.5, id="2 frames"),
+        pytest.param(2, 0.8, id="2 frames"),
     ],
 )
 def test_four_4k_videos_add_little_peak_memory(tmp_path, num_frames, limit_gib):
