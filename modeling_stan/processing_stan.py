@@ -55,6 +55,14 @@ class StanProcessor(ProcessorMixin):
             raise TypeError(f"video_processor must be a video processor, got {type(argument).__name__}.")
         return VideoProcessorMixin
 
+    def to_dict(self):
+        # `save_pretrained` writes the remote-code `auto_map` entry and `from_pretrained` drops it again; naming it
+        # here keeps a processor's dict the same before saving and after loading.
+        output = super().to_dict()
+        if self._auto_class is not None:
+            output["auto_map"] = {self._auto_class: f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"}
+        return output
+
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoProcessor"):
         """Also registers the video processor: `AutoVideoProcessor` finds remote code only in its own `auto_map`."""
