@@ -2,7 +2,7 @@
 
     from transformers import pipeline
 
-    classifier = pipeline("zero-shot-video-classification", model="path/to/stan-checkpoint")
+    classifier = pipeline("zero-shot-video-classification", model="path/to/stan-checkpoint", trust_remote_code=True)
     classifier("video.mp4", candidate_labels=["cooking", "dancing"], hypothesis_template="a video of {}.")
     # [{"label": "cooking", "score": 0.93}, {"label": "dancing", "score": 0.07}]
 
