@@ -36,7 +36,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, get_scheduler
 
-from modeling_stan import StanModel
+from modeling_stan import StanConfig, StanModel
 from modeling_stan.model_card import write_training_model_card
 from modeling_stan.pipeline_zero_shot_video_classification import save_for_hub
 from modeling_stan.processing_stan import StanProcessor
@@ -66,8 +66,9 @@ SYNTHETIC_DATASET_NAME = "synthetic moving shapes"
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "CLIP checkpoint (Hub id or folder) to build STAN around. Default: a tiny random CLIP built "
-                          "offline into OUTPUT_DIR/tiny_clip (for the synthetic demo and tests)."},
+        metadata={"help": "CLIP checkpoint (Hub id or folder) to build STAN around, or a STAN checkpoint (post-pretrained, "
+                          "converted or fine-tuned) to start from, whose STAN fields are then used. Default: a tiny random "
+                          "CLIP built offline into OUTPUT_DIR/tiny_clip (for the synthetic demo and tests)."},
     )
     stan_depth: int = field(default=4, metadata={"help": "STAN layers K (0: the plain CLIP mean-pooling baseline)."})
     temporal_module: str = field(default="attention", metadata={"help": "'attention' (STAN-self) or 'conv'."})
@@ -129,6 +130,10 @@ class DataArguments:
 @dataclass
 class TrainingArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints and the final model go."})
+    do_train: bool = field(
+        default=True,
+        metadata={"help": "False: only evaluate the model as given (e.g. zero-shot) on the validation and test splits."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete the checkpoints of an earlier run in OUTPUT_DIR instead of failing."}
     )
@@ -229,6 +234,19 @@ def parse_script_arguments(dataclass_types: Sequence[type], recipe_defaults: dic
     if parsed[0].model_name_or_path is None:
         parsed = parse_arguments(dataclass_types, {**recipe_defaults, **demo_defaults}, argv)
     return parsed
+
+
+def explicit_options(argv: Sequence[str] | None = None) -> set[str]:
+    """Names of the options the user set, on the command line or in its `--config` file (not the defaults)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config")
+    config = config_parser.parse_known_args(argv)[0].config
+    if config:
+        with open(config, encoding="utf-8") as file:
+            names |= set(json.load(file) if config.endswith(".json") else yaml.safe_load(file))
+    return names
 
 
 def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict:
@@ -345,18 +363,53 @@ def make_processor(model: nn.Module, model_path: str, num_frames: int) -> StanPr
     return StanProcessor(video_processor=video_processor, tokenizer=AutoTokenizer.from_pretrained(model_path))
 
 
-def load_stan_model(model_class: type, model_path: str, model_args: ModelArguments, seed: int, **config_fields):
-    """`model_class.from_clip_pretrained(model_path, ...)` with the model arguments' and `config_fields`' fields.
+def is_stan_checkpoint(model_path: str) -> bool:
+    """Whether `model_path` is a local STAN model folder (rather than a CLIP checkpoint)."""
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return False
+    with open(config_file, encoding="utf-8") as file:
+        return json.load(file).get("model_type") == StanConfig.model_type
 
-    Seeded right before, so that the new STAN weights are the same in every run and on every process whatever ran
+
+def load_stan_model(model_class: type, model_path: str, model_args: ModelArguments, seed: int,
+                    given: set[str] = frozenset(), options: set[str] = frozenset(), **config_fields):
+    """The model to train or evaluate, with the model arguments' and `config_fields`' `StanConfig` fields.
+
+    From a CLIP checkpoint: `model_class.from_clip_pretrained`. From a STAN checkpoint: its weights and STAN fields;
+    a field the user set (`given`, among the script's `options`) to another value than the checkpoint's is an
+    error, options only defaulted take the checkpoint's value, and `num_frames` plus the fields that come from the
+    data (labels) are applied.
+
+    Seeded right before, so that the new weights are the same in every run and on every process whatever ran
     before (building the default model or data draws random numbers on the main process only).
     """
     set_seed(seed)
-    model = model_class.from_clip_pretrained(model_path, **model_args.stan_config_fields(), **config_fields)
+    fields = {**model_args.stan_config_fields(), **config_fields}
+    if is_stan_checkpoint(model_path):
+        model = model_class.from_pretrained(model_path, **_fields_over_checkpoint(model_path, fields, given, options))
+    else:
+        model = model_class.from_clip_pretrained(model_path, **fields)
     if model_args.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with frozen inputs.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _fields_over_checkpoint(model_path: str, fields: dict, given: set[str], options: set[str]) -> dict:
+    """The fields to set on a STAN checkpoint's config; raises on a flag that contradicts the checkpoint.
+
+    `options` are the script's option names, `given` those the user set. Options left at their defaults yield to the
+    checkpoint; `num_frames` (frames per clip may differ from training) and fields from the data (labels) apply.
+    """
+    checkpoint = StanConfig.from_pretrained(model_path).to_dict()
+    conflicts = [f"--{name} {value!r} (the checkpoint has {checkpoint[name]!r})" for name, value in fields.items()
+                 if name in given and name != "num_frames" and name in checkpoint and checkpoint[name] != value]
+    if conflicts:
+        raise ValueError(f"--model_name_or_path {model_path} is a STAN checkpoint whose fields these flags contradict: "
+                         f"{'; '.join(conflicts)}. Drop them to use the checkpoint's values, or start from a CLIP "
+                         "checkpoint to build a different STAN.")
+    return {name: value for name, value in fields.items() if name == "num_frames" or name not in options}
 
 
 def model_source(accelerator: Accelerator, model_args: ModelArguments, output_dir: Path, seed: int) -> str:
@@ -775,14 +828,19 @@ class TrainingLoop:
             main_process_only=True,
         )
 
-    def _train_epoch(self) -> None:
-        epoch, done = divmod(self.progress.step, self.steps_per_epoch)
+    def _epoch_batches(self, epoch: int, done: int):
+        """The micro-batches of `epoch` after its first `done` optimizer steps."""
         self.train_sampler.set_epoch(epoch)
         loader = self.train_loader
         if done:
             loader = self.accelerator.skip_first_batches(loader, done * self.args.gradient_accumulation_steps)
         # Accelerate re-applies its own epoch counter to the sampler when iteration starts: keep both equal.
         loader.set_epoch(epoch)
+        return loader
+
+    def _train_epoch(self) -> None:
+        epoch, done = divmod(self.progress.step, self.steps_per_epoch)
+        loader = self._epoch_batches(epoch, done)
         self.model.train()
         window = _Window()
         for batch in loader:
@@ -943,6 +1001,7 @@ class TrainingScript:
     dataset_formats: tuple[str, ...]  # the `--dataset` values besides "synthetic"
     model_class: type
     card_task: str  # the model card's task
+    do_train: bool = True  # --do_train, set by `main` (False: the splits of an evaluation only)
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
         """Points `data_args` at the synthetic dataset generated in `root`."""
@@ -978,11 +1037,16 @@ class TrainingScript:
         accelerator = setup_run(training_args)
         output_dir = Path(training_args.output_dir)
         model_path = model_source(accelerator, model_args, output_dir, training_args.seed)
+        self.do_train = training_args.do_train
         dataset_name, splits = self._splits(accelerator, data_args, task_args, training_args)
+        options = {name for kind in self.argument_types for name in kind.__dataclass_fields__}
         model = load_stan_model(self.model_class, model_path, model_args, training_args.seed,
-                                num_frames=data_args.num_frames, **self.model_config_fields(task_args, splits))
+                                given=explicit_options(argv), options=options, num_frames=data_args.num_frames,
+                                **self.model_config_fields(task_args, splits))
         self.prepare_model(model, task_args)
         processor = make_processor(model, model_path, data_args.num_frames)
+        if not training_args.do_train:
+            return self.evaluate_only(accelerator, model, processor, splits, data_args, task_args, training_args)
         loop = self._training_loop(accelerator, model, processor, splits, data_args, task_args, training_args)
         accelerator.init_trackers(f"stan-{self.card_task}", config=_tracker_config(arguments_dict(*arguments)))
 
@@ -991,7 +1055,7 @@ class TrainingScript:
         results = {
             "validation": next((m for m in progress.validation_history if m["step"] == best_step), {}),
             "test": loop.task.evaluate(loop.model, "test"),
-            "train": training_summary(loop, best_step, time.time() - started),
+            "train": self.training_summary(loop, best_step, time.time() - started),
         }
         logger.info(f"Test metrics: {results['test']}", main_process_only=True)
         card = {"task": self.card_task, "base_model": model_args.model_name_or_path or "tiny random CLIP",
@@ -1000,6 +1064,29 @@ class TrainingScript:
         _push_to_hub(accelerator, training_args, output_dir)
         accelerator.end_training()
         return results
+
+    def evaluate_only(self, accelerator: Accelerator, model: nn.Module, processor, splits: dict,
+                      data_args: DataArguments, task_args, training_args: TrainingArguments) -> dict:
+        """`--do_train false`: the metrics of the model as given on the evaluation splits there are, written to
+        OUTPUT_DIR/all_results.json (the model itself is not saved again)."""
+        video_options = data_args.video_options(processor.video_processor)
+        present = [split for split in EVAL_SPLITS if split in splits]
+        loaders = [self.evaluation_dataloader(splits[split], video_options, task_args, data_args, training_args)
+                   for split in present]
+        model, *loaders = accelerator.prepare(model, *loaders)
+        task = self.make_task(accelerator, task_args, training_args, splits, dict(zip(present, loaders)), processor)
+        results = {split: task.evaluate(model, split) for split in present}
+        logger.info(f"Evaluation without training: {results}", main_process_only=True)
+        if accelerator.is_main_process:
+            with open(Path(training_args.output_dir) / "all_results.json", "w", encoding="utf-8") as file:
+                json.dump(results, file, indent=2)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return results
+
+    def training_summary(self, loop: TrainingLoop, best_step: int, runtime: float) -> dict:
+        """The "train" entry of `all_results.json`."""
+        return training_summary(loop, best_step, runtime)
 
     def _splits(self, accelerator: Accelerator, data_args: DataArguments, task_args,
                 training_args: TrainingArguments) -> tuple[str, dict[str, datasets.Dataset]]:
