@@ -1078,7 +1078,9 @@ class TrainingScript:
         results = {split: task.evaluate(model, split) for split in present}
         logger.info(f"Evaluation without training: {results}", main_process_only=True)
         if accelerator.is_main_process:
-            with open(Path(training_args.output_dir) / "all_results.json", "w", encoding="utf-8") as file:
+            output_dir = Path(training_args.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            with open(output_dir / "all_results.json", "w", encoding="utf-8") as file:
                 json.dump(results, file, indent=2)
         accelerator.wait_for_everyone()
         accelerator.end_training()
