@@ -14,8 +14,8 @@ import tarfile
 import time
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from conftest import REPO_ROOT
+from test_training import run  # one in-process runner for the training scripts' tests
 
 from modeling_stan import StanForVideoTextRetrieval
 from modeling_stan.synthetic_videos import generate_synthetic_dataset, plan_videos
@@ -36,19 +36,6 @@ DATA = [
 SMALL = [*DATA, "--synthetic_samples_per_shard", 2, "--per_device_train_batch_size", 2]
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
-def _reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def run_in_process(script, output_dir, *flags) -> dict:
-    _reset_accelerate()
-    try:
-        return script.main(["--output_dir", str(output_dir), *map(str, flags)])
-    finally:
-        _reset_accelerate()
 
 
 def trained_keys(dump_dir, rank: int = 0) -> list[dict]:
@@ -174,7 +161,7 @@ def test_a_killed_stream_resumes_with_the_samples_of_an_uninterrupted_run(tmp_pa
     resumed; the steps after the checkpoint train on the same samples as an uninterrupted run, across the epoch end."""
     common = [*SMALL, "--data_dir", data_dir, "--dataloader_num_workers", 2, "--shuffle_buffer_size", 3,
               "--max_steps", 18, "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", 3]
-    run_in_process(run_pretraining, tmp_path / "reference", *common, "--debug_dump_dir", tmp_path / "reference_dump")
+    run(run_pretraining, tmp_path / "reference", *common, "--debug_dump_dir", tmp_path / "reference_dump")
     reference = {(r["epoch"], r["batch"]): r["keys"] for r in trained_keys(tmp_path / "reference_dump")}
 
     output = tmp_path / "out"
@@ -190,7 +177,7 @@ def test_a_killed_stream_resumes_with_the_samples_of_an_uninterrupted_run(tmp_pa
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    run_in_process(run_pretraining, output, *common, "--resume_from_checkpoint", "latest",
+    run(run_pretraining, output, *common, "--resume_from_checkpoint", "latest",
                    "--debug_dump_dir", tmp_path / "resumed_dump")
     resumed = trained_keys(tmp_path / "resumed_dump")
     assert resumed[0]["batch"] >= 6 and resumed[0]["epoch"] == 0
@@ -201,7 +188,7 @@ def test_a_killed_stream_resumes_with_the_samples_of_an_uninterrupted_run(tmp_pa
 
 def test_zero_shot_retrieval_from_a_post_pretrained_checkpoint(tmp_path, two_process_run, data_dir):
     checkpoint = two_process_run / "out"
-    results = run_in_process(run_retrieval, tmp_path / "eval", "--model_name_or_path", checkpoint, "--do_train",
+    results = run(run_retrieval, tmp_path / "eval", "--model_name_or_path", checkpoint, "--do_train",
                              "false", "--data_dir", data_dir, *DATA)
     assert set(results) == {"validation", "test"}
     assert 0 <= results["test"]["t2v_R@1"] <= 100 and "qbnorm_t2v_R@1" in results["test"]
@@ -209,5 +196,5 @@ def test_zero_shot_retrieval_from_a_post_pretrained_checkpoint(tmp_path, two_pro
     assert not (tmp_path / "eval" / "checkpoints").exists()
     # The checkpoint's STAN fields are used; a flag contradicting them is refused.
     with pytest.raises(ValueError, match="stan_depth 3 .*checkpoint has 1"):
-        run_in_process(run_retrieval, tmp_path / "eval2", "--model_name_or_path", checkpoint, "--do_train", "false",
+        run(run_retrieval, tmp_path / "eval2", "--model_name_or_path", checkpoint, "--do_train", "false",
                        "--data_dir", data_dir, *DATA, "--stan_depth", 3)
