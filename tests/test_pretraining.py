@@ -24,6 +24,7 @@ from modeling_stan.video_processing_stan import StanVideoProcessor
 
 sys.path.insert(0, str(REPO_ROOT / "training"))
 import pretraining_data  # noqa: E402
+import run_classification  # noqa: E402
 import run_pretraining  # noqa: E402
 import run_retrieval  # noqa: E402
 
@@ -198,3 +199,13 @@ def test_zero_shot_retrieval_from_a_post_pretrained_checkpoint(tmp_path, two_pro
     with pytest.raises(ValueError, match="stan_depth 3 .*checkpoint has 1"):
         run(run_retrieval, tmp_path / "eval2", "--model_name_or_path", checkpoint, "--do_train", "false",
                        "--data_dir", data_dir, *DATA, "--stan_depth", 3)
+
+
+def test_classification_fine_tunes_from_a_post_pretrained_checkpoint(tmp_path, two_process_run, data_dir):
+    """The towers come from the dual encoder; the head is new, sized by the data's labels, of the requested type."""
+    results = run(run_classification, tmp_path / "out", "--model_name_or_path", two_process_run / "out",
+                  "--data_dir", data_dir, *DATA, "--classifier_type", "text", "--max_steps", 1,
+                  "--per_device_train_batch_size", 4, "--eval_strategy", "no", "--save_strategy", "no")
+    assert 0 <= results["test"]["top1"] <= 100
+    model = run_classification.StanForVideoClassification.from_pretrained(tmp_path / "out")
+    assert (model.config.classifier_type, model.config.num_labels, model.config.stan_depth) == ("text", 4, 1)

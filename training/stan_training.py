@@ -387,7 +387,12 @@ def load_stan_model(model_class: type, model_path: str, model_args: ModelArgumen
     set_seed(seed)
     fields = {**model_args.stan_config_fields(), **config_fields}
     if is_stan_checkpoint(model_path):
-        model = model_class.from_pretrained(model_path, **_fields_over_checkpoint(model_path, fields, given, options))
+        overrides = _fields_over_checkpoint(model_path, fields, given, options, model_class)
+        class_names = overrides.pop("class_names", None)
+        if class_names is not None:
+            # The labels of the data replace the checkpoint's; a head of another size starts afresh.
+            overrides.update(id2label=dict(enumerate(class_names)), ignore_mismatched_sizes=True)
+        model = model_class.from_pretrained(model_path, **overrides)
     else:
         model = model_class.from_clip_pretrained(model_path, **fields)
     if model_args.gradient_checkpointing:
@@ -396,20 +401,30 @@ def load_stan_model(model_class: type, model_path: str, model_args: ModelArgumen
     return model
 
 
-def _fields_over_checkpoint(model_path: str, fields: dict, given: set[str], options: set[str]) -> dict:
+def _fields_over_checkpoint(model_path: str, fields: dict, given: set[str], options: set[str],
+                            model_class: type) -> dict:
     """The fields to set on a STAN checkpoint's config; raises on a flag that contradicts the checkpoint.
 
     `options` are the script's option names, `given` those the user set. Options left at their defaults yield to the
-    checkpoint; `num_frames` (frames per clip may differ from training) and fields from the data (labels) apply.
+    checkpoint; `num_frames` (frames per clip may differ from training), fields from the data (labels) and, on a
+    checkpoint of another task (a dual encoder fine-tuned into a classifier), the head's fields apply.
     """
     checkpoint = StanConfig.from_pretrained(model_path).to_dict()
+    free = {"num_frames"}
+    if model_class.__name__ not in (checkpoint.get("architectures") or []):
+        free |= set(_HEAD_FIELDS)
     conflicts = [f"--{name} {value!r} (the checkpoint has {checkpoint[name]!r})" for name, value in fields.items()
-                 if name in given and name != "num_frames" and name in checkpoint and checkpoint[name] != value]
+                 if name in given and name not in free and name in checkpoint and checkpoint[name] != value]
     if conflicts:
         raise ValueError(f"--model_name_or_path {model_path} is a STAN checkpoint whose fields these flags contradict: "
                          f"{'; '.join(conflicts)}. Drop them to use the checkpoint's values, or start from a CLIP "
                          "checkpoint to build a different STAN.")
-    return {name: value for name, value in fields.items() if name == "num_frames" or name not in options}
+    return {name: value for name, value in fields.items()
+            if name not in options or name in free and (name == "num_frames" or name in given)}
+
+
+# StanConfig fields of a task head rather than of the shared towers.
+_HEAD_FIELDS = ("classifier_type",)
 
 
 def model_source(accelerator: Accelerator, model_args: ModelArguments, output_dir: Path, seed: int) -> str:
