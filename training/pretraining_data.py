@@ -26,6 +26,7 @@ Layout of one process's data:
 import glob
 import io
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,8 @@ from modeling_stan.synthetic_videos import SyntheticVideo, caption_for, paraphra
 from modeling_stan.video_datasets import CorruptSampleCounter
 from modeling_stan.video_io import VideoDecodeError, decode_video
 
+
+logger = logging.getLogger(__name__)
 
 VIDEO_FIELDS = ("mp4", "webm", "mkv", "avi", "mov")
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
@@ -210,16 +213,20 @@ class ShardStream(IterableDataset):
             yield _batch(pixels, captions, keys, corrupt, state)
 
     def _decode(self, sample: dict, sample_seed: list[int]) -> tuple[torch.Tensor | None, str | None]:
+        """The sample's clip and caption, or (None, None) for a sample that is skipped (and logged)."""
         caption = next((sample[name] for name in CAPTION_FIELDS if sample.get(name)), None)
         media = next(((name, sample[name]) for name in VIDEO_FIELDS + IMAGE_FIELDS if sample.get(name)), None)
+        where = f"{sample.get('__url__')}: sample {sample.get('__key__')!r}"
         if caption is None or media is None:
+            logger.warning("Skipping %s: no %s", where, "caption" if media else "video or image")
             return None, None
         name, value = media
         seed = int(np.random.SeedSequence(sample_seed).generate_state(1)[0])
         try:
             return self.decode({"kind": "video" if name in VIDEO_FIELDS else "image", "bytes": value["bytes"]},
                                seed), caption.strip()
-        except (VideoDecodeError, UnidentifiedImageError, OSError, ValueError):
+        except (VideoDecodeError, UnidentifiedImageError, OSError) as error:  # PIL reports truncated files as OSError
+            logger.warning("Skipping %s: %s: %s", where, type(error).__name__, error)
             return None, None
 
 
@@ -360,7 +367,7 @@ class MixedStreamLoader:
     def totals(self) -> dict[str, dict[str, int]]:
         """Samples seen and corrupt samples per source, summed over processes (every process must call this)."""
         local = torch.tensor([[self.samples_seen[s.name], self.corrupt[s.name]] for s in self.sources],
-                             dtype=torch.long)
+                             dtype=torch.long, device=self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(local)
         return {source.name: {"samples_seen": int(seen), "corrupt_samples": int(bad)}

@@ -239,7 +239,8 @@ def parse_script_arguments(dataclass_types: Sequence[type], recipe_defaults: dic
 def explicit_options(argv: Sequence[str] | None = None) -> set[str]:
     """Names of the options the user set, on the command line or in its `--config` file (not the defaults)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    names = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    # HfArgumentParser also accepts --do-train for --do_train.
+    names = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("--config")
     config = config_parser.parse_known_args(argv)[0].config
@@ -364,12 +365,8 @@ def make_processor(model: nn.Module, model_path: str, num_frames: int) -> StanPr
 
 
 def is_stan_checkpoint(model_path: str) -> bool:
-    """Whether `model_path` is a local STAN model folder (rather than a CLIP checkpoint)."""
-    config_file = Path(model_path) / "config.json"
-    if not config_file.is_file():
-        return False
-    with open(config_file, encoding="utf-8") as file:
-        return json.load(file).get("model_type") == StanConfig.model_type
+    """Whether `model_path` (a folder or Hub id) holds a STAN model rather than a CLIP checkpoint."""
+    return StanConfig.get_config_dict(model_path)[0].get("model_type") == StanConfig.model_type
 
 
 def load_stan_model(model_class: type, model_path: str, model_args: ModelArguments, seed: int,
