@@ -115,7 +115,10 @@ class PretrainingScript(RetrievalScript):
             task_args.train_shards = self._synthetic_shards(accelerator, data_args, task_args, training_args)
         if not task_args.train_shards:
             raise ValueError("No training data: pass --train_shards NAME=PATTERN ...")
-        return dataset_name, splits
+        # Expanded and sized before the model is built, so that a wrong pattern fails at once.
+        self.sources = parse_sources(task_args.train_shards, task_args.train_num_samples)
+        sources = ", ".join(source.name for source in self.sources)
+        return f"{sources} (WebDataset shards; zero-shot evaluation on {dataset_name})", splits
 
     def _synthetic_shards(self, accelerator, data_args, task_args, training_args) -> list[str]:
         """Video shards of the synthetic training videos and image shards of their stills, written once."""
@@ -129,7 +132,7 @@ class PretrainingScript(RetrievalScript):
         return [f"videos={root / 'videos' / '*.tar'}", f"images={root / 'images' / '*.tar'}"]
 
     def _training_loop(self, accelerator, model, processor, splits, data_args, task_args, training_args):
-        sources = parse_sources(task_args.train_shards, task_args.train_num_samples)
+        sources = self.sources
         batch_size = training_args.per_device_train_batch_size
         counts = batches_per_epoch(sources, batch_size * accelerator.num_processes, task_args.source_weights)
         workers = data_args.dataloader_num_workers
