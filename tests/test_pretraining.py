@@ -135,6 +135,21 @@ def test_unreadable_samples_are_skipped_and_counted(tmp_path, data_dir):
     assert next(iter(images))["pixel_values"].shape == (4, 1, 3, 32, 32)  # images are 1-frame clips
 
 
+def test_a_data_position_is_refused_on_another_layout():
+    def loader(num_processes, streams):
+        return pretraining_data.MixedStreamLoader(
+            [pretraining_data.ShardSource("web", [], 8)], [2], make_stream=None, streams_per_process=streams,
+            num_workers=0, process_index=0, num_processes=num_processes, seed=0, tokenize=None, device="cpu",
+            counter=None)
+
+    state = loader(1, 2).state_dict()
+    with pytest.raises(ValueError, match="1 process\\(es\\) x 2 stream"):
+        loader(1, 3).load_state_dict(state)
+    restored = loader(1, 2)
+    restored.load_state_dict(state)
+    assert restored.local_state() == loader(1, 2).local_state()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------------------------

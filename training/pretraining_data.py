@@ -353,12 +353,16 @@ class MixedStreamLoader:
             dist.all_gather_object(states, self.local_state())
         else:
             states = [self.local_state()]
-        return {"num_processes": self.num_processes, "processes": states}
+        return {"num_processes": self.num_processes, "streams_per_process": self.streams_per_process,
+                "processes": states}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_processes"] != self.num_processes:
-            raise ValueError(f"The checkpoint's data position is for {state['num_processes']} process(es); this run "
-                             f"has {self.num_processes}. Resume a streaming run on the same number of processes.")
+        saved = (state["num_processes"], state["streams_per_process"])
+        if saved != (self.num_processes, self.streams_per_process):
+            raise ValueError(f"The checkpoint's data position is for {saved[0]} process(es) x {saved[1]} stream(s) "
+                             f"each; this run has {self.num_processes} x {self.streams_per_process}. Resume a streaming "
+                             "run with the same number of processes and --dataloader_num_workers (each stream is a "
+                             "fixed share of the shards).")
         local = state["processes"][self.process_index]
         self._reset(local["epoch"])
         self.position, self.streams = local["position"], local["streams"]
