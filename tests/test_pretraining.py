@@ -27,6 +27,7 @@ import pretraining_data  # noqa: E402
 import run_classification  # noqa: E402
 import run_pretraining  # noqa: E402
 import run_retrieval  # noqa: E402
+import stan_training  # noqa: E402
 
 
 SIZES = {"train": 16, "validation": 8, "test": 8}
@@ -224,3 +225,10 @@ def test_classification_fine_tunes_from_a_post_pretrained_checkpoint(tmp_path, t
     assert 0 <= results["test"]["top1"] <= 100
     model = run_classification.StanForVideoClassification.from_pretrained(tmp_path / "out")
     assert (model.config.classifier_type, model.config.num_labels, model.config.stan_depth) == ("text", 4, 1)
+
+
+def test_options_of_the_command_line_and_its_config_file_count_as_given(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("stan_depth: 2\nalignment: mug\n")
+    given = stan_training.explicit_options(["--config", str(config), "--do-train", "false", "--seed=3"])
+    assert given == {"config", "stan_depth", "alignment", "do_train", "seed"}

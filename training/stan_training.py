@@ -244,20 +244,23 @@ def explicit_options(argv: Sequence[str] | None = None) -> set[str]:
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("--config")
     config = config_parser.parse_known_args(argv)[0].config
-    if config:
-        with open(config, encoding="utf-8") as file:
-            names |= set(json.load(file) if config.endswith(".json") else yaml.safe_load(file))
-    return names
+    return names | set(_read_config_file(config)) if config else names
 
 
-def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict:
-    """The options of a config file, converted and checked as the same flags on the command line would be."""
+def _read_config_file(path: str) -> dict:
+    """The mapping of option names to values in a YAML or JSON config file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path}: no such file.")
     with open(path, encoding="utf-8") as file:
         values = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values, got {type(values).__name__}.")
+    return values
+
+
+def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The options of a config file, converted and checked as the same flags on the command line would be."""
+    values = _read_config_file(path)
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     unknown = sorted(set(values) - set(actions))
     if unknown:
