@@ -12,6 +12,7 @@ this tool's):
     videos      path, size, mtime_ns, video_embed (float32 bytes), frame_embeds (Mug-STAN only), checksum
     failed      path, size, mtime_ns, error: videos that could not be embedded, retried when their file changes
     query_bank  position, text: the sentences DSL re-ranking normalises against
+    faiss_index one row, optional: a serialized FAISS index of the video embeddings, ids = rowids of `videos`
 
 Each video row carries a CRC-32 of its path, file identity and embedding bytes; reading the index verifies every
 row (and SQLite's own structure with `PRAGMA quick_check`), so damaged data is refused with `VideoSearchError`
@@ -49,6 +50,9 @@ CREATE TABLE videos (
 );
 CREATE TABLE failed (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, error TEXT NOT NULL);
 CREATE TABLE query_bank (position INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE);
+CREATE TABLE faiss_index (
+    id INTEGER PRIMARY KEY CHECK (id = 1), factory TEXT NOT NULL, data BLOB NOT NULL, checksum INTEGER NOT NULL
+);
 """
 
 
@@ -118,6 +122,7 @@ class VideoIndex:
     frame_embeds: torch.Tensor | None = None
     failed: list[FailedVideo] = field(default_factory=list)
     query_bank: list[str] = field(default_factory=list)
+    row_ids: list[int] = field(default_factory=list)  # each video's row in the file (the ids of a FAISS index)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VideoIndex":
@@ -229,13 +234,14 @@ class IndexStore:
                 np.empty((count, settings.num_frames, settings.embed_dim), dtype=np.float32)
                 if settings.frame_embeds else None
             )
-            videos, damaged = [], []
+            videos, row_ids, damaged = [], [], []
             rows = self._connection.execute(
-                "SELECT path, size, mtime_ns, video_embed, frame_embeds, checksum FROM videos ORDER BY rowid"
+                "SELECT rowid, path, size, mtime_ns, video_embed, frame_embeds, checksum FROM videos ORDER BY rowid"
             )
-            for row, (path, size, mtime_ns, video_blob, frames_blob, checksum) in enumerate(rows):
+            for row, (row_id, path, size, mtime_ns, video_blob, frames_blob, checksum) in enumerate(rows):
                 video = VideoFile(path, size, mtime_ns)
                 videos.append(video)
+                row_ids.append(row_id)
                 if not self._fill_row(row, video, video_blob, frames_blob, checksum, video_embeds, frame_embeds):
                     damaged.append(path)
             failed = self._failed()
@@ -254,6 +260,7 @@ class IndexStore:
             frame_embeds=None if frame_embeds is None else torch.from_numpy(frame_embeds),
             failed=failed,
             query_bank=bank,
+            row_ids=row_ids,
         )
 
     def _fill_row(self, row, video, video_blob, frames_blob, checksum, video_embeds, frame_embeds) -> bool:
@@ -269,7 +276,51 @@ class IndexStore:
             frame_embeds[row] = np.frombuffer(frames_blob, dtype="<f4").reshape(frame_embeds.shape[1:])
         return bool(np.isfinite(video_embeds[row]).all())
 
+    def reading(self):
+        """A read transaction: the reads made inside it see one state of the file."""
+        return _transaction(self._connection, write=False)
+
+    def row_ids(self) -> list[int]:
+        with _damage_reported(self.path):
+            return [row_id for (row_id,) in self._connection.execute("SELECT rowid FROM videos ORDER BY rowid")]
+
+    def videos_at(self, row_ids: list[int]) -> list[VideoFile]:
+        """The videos of the given rows, in that order, each verified against its checksum."""
+        found = {}
+        with _damage_reported(self.path):
+            for row_id in row_ids:
+                row = self._connection.execute(
+                    "SELECT path, size, mtime_ns, video_embed, frame_embeds, checksum FROM videos WHERE rowid = ?",
+                    (row_id,),
+                ).fetchone()
+                if row is not None:
+                    video = VideoFile(*row[:3])
+                    if row_checksum(video, row[3], row[4]) != row[5]:
+                        raise VideoSearchError(f"{self.path} is damaged: the row of {video.path} fails its checksum.")
+                    found[row_id] = video
+        missing = [row_id for row_id in row_ids if row_id not in found]
+        if missing:
+            raise VideoSearchError(f"{self.path}: rows {missing} are not in the index (the FAISS index is stale).")
+        return [found[row_id] for row_id in row_ids]
+
+    def faiss_index(self) -> tuple[str, bytes] | None:
+        """(factory string, serialized FAISS index) as `save_faiss_index` stored them, or None."""
+        with _damage_reported(self.path):
+            row = self._connection.execute("SELECT factory, data, checksum FROM faiss_index WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        factory, data, checksum = row
+        if zlib.crc32(data) != checksum:
+            raise VideoSearchError(f"{self.path} is damaged: its FAISS index fails its checksum; rebuild it.")
+        return factory, data
+
     # ---- writing (each method is one transaction) ------------------------------------------------------------
+
+    def save_faiss_index(self, factory: str, data: bytes) -> None:
+        with _damage_reported(self.path), _transaction(self._connection):
+            self._connection.execute(
+                "INSERT OR REPLACE INTO faiss_index VALUES (1, ?, ?, ?)", (factory, data, zlib.crc32(data))
+            )
 
     def forget_absent(self, current: list[VideoFile]) -> int:
         """Drops the rows and failures of videos deleted or changed since they were stored; returns how many indexed

@@ -15,13 +15,16 @@ unless `--remember` adds the sentence to the query bank. With `--dsl` the scores
 (DSL) against the index's query bank (the sentences given to `index --queries` and the remembered queries): a video
 that matches other queries better than this one is damped, one that matches this query in particular is favoured.
 
-`import` converts, once, an index written by the earlier safetensors version of this tool.
+`faiss` stores a FAISS index of the embeddings in the index file (the `faiss` extra); `query --faiss` then searches
+it without loading every embedding, for folders of millions of videos. Brute force over the stored matrix stays the
+default. `import` converts, once, an index written by the earlier safetensors version of this tool.
 """
 
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -239,10 +242,7 @@ def search(
     Scores are the model's unscaled similarities (cosine, or Mug-STAN's alignment score); with `dsl=True` they are
     `dsl_rerank` of them against the index's query bank, which must hold other sentences than `query`.
     """
-    if not isinstance(query, str) or not query.strip():
-        raise VideoSearchError(f"query must be a non-empty sentence, got {query!r}.")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise VideoSearchError(f"top_k must be an integer >= 1, got {top_k!r}.")
+    _check_query(query, top_k)
     bank = [text for text in index.query_bank if text != query] if dsl else []
     if dsl and not bank:
         raise VideoSearchError(
@@ -264,6 +264,13 @@ def search(
         SearchHit(rank=rank, score=value, path=index.absolute_path(index.videos[row]))
         for rank, (value, row) in enumerate(zip(values.tolist(), rows.tolist()), start=1)
     ]
+
+
+def _check_query(query, top_k) -> None:
+    if not isinstance(query, str) or not query.strip():
+        raise VideoSearchError(f"query must be a non-empty sentence, got {query!r}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise VideoSearchError(f"top_k must be an integer >= 1, got {top_k!r}.")
 
 
 def dsl_rerank(scores: torch.Tensor, lam: float = 100.0) -> torch.Tensor:
@@ -294,6 +301,76 @@ def _similarity(index: VideoIndex, model, processor, texts: list[str]) -> torch.
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FAISS (the `faiss` extra): approximate search without loading the whole index
+# ----------------------------------------------------------------------------------------------------------------
+
+DEFAULT_FAISS_FACTORY = "HNSW32"
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise VideoSearchError("FAISS search needs the faiss extra: pip install 'stan-video[faiss]'.") from None
+    return faiss
+
+
+def build_faiss_index(index_path: str | Path, factory: str = DEFAULT_FAISS_FACTORY) -> int:
+    """Builds a FAISS index of the normalised video embeddings (inner product = cosine) and stores it in the index
+    file; returns how many videos it holds. `factory` is a `faiss.index_factory` description: `"HNSW32"` (default,
+    a graph over the full vectors), `"Flat"` (exact), `"IVF1024,PQ64"` (compressed, for millions of videos)."""
+    faiss = _faiss()
+    with IndexStore.open(index_path) as store:
+        if store.settings.frame_embeds:
+            raise VideoSearchError("A Mug-STAN index scores with frame and token embeddings: FAISS cannot serve it.")
+        index = store.snapshot()
+        vectors = torch.nn.functional.normalize(index.video_embeds, dim=-1).numpy()
+        try:
+            searchable = faiss.IndexIDMap2(
+                faiss.index_factory(store.settings.embed_dim, factory, faiss.METRIC_INNER_PRODUCT)
+            )
+            if not searchable.is_trained:
+                searchable.train(vectors)
+            searchable.add_with_ids(vectors, np.asarray(index.row_ids, dtype=np.int64))
+        except RuntimeError as error:  # faiss reports a bad factory string or too few vectors to train this way
+            raise VideoSearchError(f"FAISS could not build {factory!r} over {len(vectors)} videos: {error}") from None
+        store.save_faiss_index(factory, faiss.serialize_index(searchable).tobytes())
+    return len(vectors)
+
+
+@torch.no_grad()
+def search_faiss(index_path: str | Path, model, processor, query: str, *, top_k: int = 5) -> list[SearchHit]:
+    """`search` through the FAISS index stored by `build_faiss_index`: the embeddings are not loaded, and scores are
+    the cosine similarities FAISS finds (exact with `"Flat"` and `"HNSW32"`, approximate with compressed factories)."""
+    _check_query(query, top_k)
+    faiss = _faiss()
+    with IndexStore.open(index_path, verify=False) as store, store.reading():
+        stored = store.faiss_index()
+        if stored is None:
+            raise VideoSearchError(f"{index_path} has no FAISS index; build it with `video_search faiss`.")
+        searchable = faiss.deserialize_index(np.frombuffer(stored[1], dtype=np.uint8))
+        row_ids = store.row_ids()
+        if sorted(faiss.vector_to_array(searchable.id_map).tolist()) != row_ids:
+            raise VideoSearchError(
+                f"{index_path}: the FAISS index is older than the videos indexed since; rebuild it with "
+                "`video_search faiss` (or search without --faiss)."
+            )
+        inputs = processor.tokenizer([query], padding=True, truncation=True, return_tensors="pt").to(model.device)
+        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+        text = torch.nn.functional.normalize(text.float(), dim=-1).cpu().numpy()
+        if not np.isfinite(text).all():
+            raise VideoSearchError(f"the model produced a non-finite text embedding for {query!r}.")
+        scores, ids = searchable.search(text, min(top_k, len(row_ids)))
+        found = [(score, row_id) for score, row_id in zip(scores[0].tolist(), ids[0].tolist()) if row_id >= 0]
+        videos = store.videos_at([row_id for _, row_id in found])
+    root = Path(store.settings.root)
+    return [
+        SearchHit(rank=rank, score=score, path=root / video.path)
+        for rank, ((score, _), video) in enumerate(zip(found, videos), start=1)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -319,6 +396,11 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--top_k", "--top-k", type=int, default=5)
     query.add_argument("--dsl", action="store_true", help="re-rank with the dual softmax against the query bank")
     query.add_argument("--remember", action="store_true", help="add the query to the index's DSL query bank")
+    query.add_argument("--faiss", action="store_true", help="search with the stored FAISS index (`faiss` command)")
+
+    faiss = commands.add_parser("faiss", help="build (or rebuild) the index's FAISS index (the faiss extra)")
+    faiss.add_argument("--index", required=True)
+    faiss.add_argument("--factory", default=DEFAULT_FAISS_FACTORY, help="faiss.index_factory description")
 
     importer = commands.add_parser("import", help="convert an index of the earlier safetensors format, once")
     importer.add_argument("--from", dest="source", required=True, help="the .safetensors index")
@@ -350,18 +432,23 @@ def _run_index(args) -> None:
 
 
 def _run_query(args) -> None:
-    index = VideoIndex.load(args.index)
-    if index.model != model_identity(args.model):
-        raise VideoSearchError(
-            f"{args.index} was built with model {index.model!r}, not {model_identity(args.model)!r}."
-        )
+    if args.faiss and args.dsl:
+        raise VideoSearchError("--dsl needs every video's score for every bank sentence; it cannot use --faiss.")
+    with IndexStore.open(args.index, verify=not args.faiss) as store:
+        index = None if args.faiss else store.snapshot()
+        built_with, failed = store.settings.model, (index.failed if index else store.entries()[1])
+    if built_with != model_identity(args.model):
+        raise VideoSearchError(f"{args.index} was built with model {built_with!r}, not {model_identity(args.model)!r}.")
     model, processor = load_search_model(args.model)
-    hits = search(index, model, processor, args.text, top_k=args.top_k, dsl=args.dsl)
+    if args.faiss:
+        hits = search_faiss(args.index, model, processor, args.text, top_k=args.top_k)
+    else:
+        hits = search(index, model, processor, args.text, top_k=args.top_k, dsl=args.dsl)
     score_format = _score_format([hit.score for hit in hits])
     for hit in hits:
         print(f"{hit.rank:>3}  {hit.score:{score_format}}  {hit.path}")
-    if index.failed:
-        print(f"({len(index.failed)} videos could not be indexed; `index` lists them)")
+    if failed:
+        print(f"({len(failed)} videos could not be indexed; `index` lists them)")
     if args.remember:
         with IndexStore.open(args.index, verify=False) as store:
             store.add_queries([args.text])
@@ -384,7 +471,11 @@ def _run_import(args) -> None:
     ))
 
 
-_COMMANDS = {"index": _run_index, "query": _run_query, "import": _run_import}
+def _run_faiss(args) -> None:
+    print(f"{args.index}: FAISS index {args.factory!r} of {build_faiss_index(args.index, args.factory)} videos stored")
+
+
+_COMMANDS = {"index": _run_index, "query": _run_query, "import": _run_import, "faiss": _run_faiss}
 
 
 def main(argv=None) -> None:

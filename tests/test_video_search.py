@@ -364,10 +364,12 @@ def test_sigkill_loses_at_most_the_batch_in_flight(tmp_path):
 def test_overwritten_bytes_make_query_exit_with_the_tools_error(trained_dir, dataset, tmp_path, capsys):
     path = tmp_path / "index.sqlite"
     main(["index", "--model", str(trained_dir), "--videos", str(dataset[0]), "--index", str(path)])
-    size = path.stat().st_size
+    # One page's worth (SQLite's default page size) always covers the start of a page, so it damages data, not
+    # only the unused space inside pages (which holds nothing to refuse).
+    page_size = 4096
     with open(path, "r+b") as file:
-        file.seek(size // 2 - 1000)
-        file.write(bytes(range(256)) * 8)
+        file.seek(path.stat().st_size // 2 - page_size // 2)
+        file.write(b"\xa5" * page_size)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit:
         main(["query", "--model", str(trained_dir), "--index", str(path), "a red square"])
@@ -437,3 +439,32 @@ def test_the_importer_converts_a_safetensors_index_once(searcher, trained_dir, t
     assert [failure.path for failure in index.failed] == ["bad.mp4"] and index.query_bank == ["q"]
     with pytest.raises(VideoSearchError, match="already exists"):
         video_search.import_safetensors_index(old, new)
+
+
+def test_faiss_search_finds_what_brute_force_finds_and_refuses_a_stale_index(
+    searcher, trained_dir, dataset, tmp_path, capsys
+):
+    pytest.importorskip("faiss")
+    videos = _folder_of(dataset, tmp_path, [f"video{i}.mp4" for i in range(8)])
+    path = tmp_path / "index.sqlite"
+    _build(path, searcher, trained_dir, videos)
+    query = "a red square moves from left to right"
+    with pytest.raises(VideoSearchError, match="no FAISS index"):
+        video_search.search_faiss(path, *searcher, query)
+    brute = search(VideoIndex.load(path), *searcher, query, top_k=8)
+    for factory in ("Flat", "HNSW32"):
+        main(["faiss", "--index", str(path), "--factory", factory])
+        assert f"FAISS index '{factory}' of 8 videos stored" in capsys.readouterr().out
+        hits = video_search.search_faiss(path, *searcher, query, top_k=8)
+        assert [hit.path for hit in hits] == [hit.path for hit in brute]
+        assert [hit.score for hit in hits] == pytest.approx([hit.score for hit in brute], abs=1e-5)
+    main(["query", "--model", str(trained_dir), "--index", str(path), query, "--faiss", "--top_k", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[-1] for line in lines] == [str(hit.path) for hit in brute[:2]]
+
+    _folder_of(dataset, tmp_path, ["video8.mp4"])
+    _build(path, searcher, trained_dir, videos)
+    with pytest.raises(VideoSearchError, match="FAISS index is older"):
+        video_search.search_faiss(path, *searcher, query)
+    with pytest.raises(VideoSearchError, match="could not build 'IVF64,Flat' over 9 videos"):
+        video_search.build_faiss_index(path, "IVF64,Flat")
