@@ -13,7 +13,8 @@ per video (MSR-VTT train, MSVD) it is the text-to-video ground truth, and `uniqu
 Videos listed in an annotation file but absent on disk (or broken links) are dropped, logged as one warning and
 counted: `build_report(dataset)` returns a `BuildReport` (kept in `dataset.info.description` as JSON). An
 annotation file that does not follow its format raises `AnnotationError`, naming the file, the line or entry, and
-what was expected.
+what was expected: text that is not UTF-8, CSV with broken quoting (read strictly: an unterminated quote is an
+error, not a caption that swallows the rest of the file), and a video id whose path leaves `video_dir` (`..`) too.
 
 Decoding happens on access: `dataset.set_transform(make_decode_transform(num_frames=8))` adds `frames` (or the
 outputs of a video processor) and `decode_error`; a corrupt video gives `decode_error` = its message instead of
