@@ -9,7 +9,9 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_readme import NUM_FRAMES, single_thread, tiny_processor  # noqa: F401  (single_thread: a fixture)
@@ -17,7 +19,7 @@ from test_readme import NUM_FRAMES, single_thread, tiny_processor  # noqa: F401 
 from modeling_stan import StanForVideoClassification, StanForVideoTextRetrieval
 from modeling_stan.synthetic_videos import generate_synthetic_dataset
 from modeling_stan import video_search
-from modeling_stan.video_index import IndexStore
+from modeling_stan.video_index import EmbeddedVideo, IndexSettings, IndexStore, VideoFile
 from modeling_stan.video_search import (
     VideoIndex,
     VideoSearchError,
@@ -332,9 +334,16 @@ def test_a_slow_query_loses_nothing_that_index_adds_meanwhile(searcher, trained_
 
 
 _KILLED_WRITER = r"""
-import os, signal, sys
+import importlib.util, os, signal, sys
 import numpy as np
-from modeling_stan.video_index import EmbeddedVideo, IndexSettings, IndexStore, VideoFile
+
+# The module alone (it has no package imports), so the process does not pay for importing transformers.
+spec = importlib.util.spec_from_file_location("video_index", sys.argv[2])
+video_index = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(video_index)
+EmbeddedVideo, IndexSettings, IndexStore, VideoFile = (
+    video_index.EmbeddedVideo, video_index.IndexSettings, video_index.IndexStore, video_index.VideoFile
+)
 
 store = IndexStore.create(sys.argv[1], IndexSettings("/videos", "model", 4, 8, False))
 for batch in range(4):
@@ -354,7 +363,10 @@ def test_sigkill_loses_at_most_the_batch_in_flight(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(_KILLED_WRITER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, timeout=120)
+    module = Path(video_search.__file__).with_name("video_index.py")
+    completed = subprocess.run(
+        [sys.executable, str(script), str(path), str(module)], env=env, capture_output=True, timeout=120
+    )
     assert completed.returncode == -9, completed.stderr.decode()[-2000:]
     index = VideoIndex.load(path)
     assert sorted(video.path for video in index.videos) == sorted(f"{b}-{i}.mp4" for b in range(3) for i in range(5))
@@ -468,3 +480,19 @@ def test_faiss_search_finds_what_brute_force_finds_and_refuses_a_stale_index(
         video_search.search_faiss(path, *searcher, query)
     with pytest.raises(VideoSearchError, match="could not build 'IVF64,Flat' over 9 videos"):
         video_search.build_faiss_index(path, "IVF64,Flat")
+
+
+def test_a_read_transaction_sees_one_snapshot_while_index_commits(tmp_path):
+    path = tmp_path / "index.sqlite"
+    settings = IndexSettings("/videos", "model", 4, 8, False)
+
+    def batch(first):
+        return [EmbeddedVideo(VideoFile(f"{i}.mp4", 1, 1), np.ones(8, np.float32)) for i in range(first, first + 3)]
+
+    with IndexStore.create(path, settings) as writer, IndexStore.open(path) as reader:
+        writer.add_batch(batch(0), [])
+        with reader.reading():
+            before = reader.row_ids()
+            writer.add_batch(batch(3), [])  # committed while the reader is inside its transaction
+            assert reader.row_ids() == before and len(before) == 3
+        assert len(reader.row_ids()) == 6
