@@ -383,7 +383,9 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--model", required=True, help="STAN checkpoint directory (model + processor)")
     index.add_argument("--videos", required=True, help="folder of videos, searched recursively")
     index.add_argument("--index", required=True, help="index file to create or update (e.g. videos.sqlite)")
-    index.add_argument("--batch_size", "--batch-size", type=int, default=8, help="videos embedded (and committed) together")
+    index.add_argument(
+        "--batch_size", "--batch-size", type=int, default=8, help="videos embedded (and committed) together"
+    )
     index.add_argument("--num_workers", "--num-workers", type=int, default=0, help="decoding worker processes")
     index.add_argument("--num_frames", "--num-frames", type=int, help="frames per video (default: the model's)")
     index.add_argument("--queries", help="text file, one query per line, added to the DSL query bank")
