@@ -135,7 +135,7 @@ class VideoIndex:
 
 
 def row_checksum(video: VideoFile, video_embed: bytes, frame_embeds: bytes | None) -> int:
-    identity = json.dumps([video.path, video.size, video.mtime_ns]).encode("utf-8")
+    identity = f"{video.path}\0{video.size}\0{video.mtime_ns}".encode("utf-8", "surrogateescape")
     return zlib.crc32(frame_embeds or b"", zlib.crc32(video_embed, zlib.crc32(identity)))
 
 
@@ -246,6 +246,11 @@ class IndexStore:
                     damaged.append(path)
             failed = self._failed()
             bank = [text for (text,) in self._connection.execute("SELECT text FROM query_bank ORDER BY position")]
+        # A stored row is finite (non-finite embeddings are never stored): one that is not is damaged.
+        finite = np.isfinite(video_embeds).all(axis=1)
+        if frame_embeds is not None:
+            finite &= np.isfinite(frame_embeds).all(axis=(1, 2))
+        damaged += [videos[row].path for row in np.flatnonzero(~finite) if videos[row].path not in damaged]
         if damaged:
             raise VideoSearchError(
                 f"{self.path} is damaged: the stored embeddings of {len(damaged)} video(s) fail their checksum "
@@ -264,7 +269,7 @@ class IndexStore:
         )
 
     def _fill_row(self, row, video, video_blob, frames_blob, checksum, video_embeds, frame_embeds) -> bool:
-        """Copies one stored row into the matrices; False when it is damaged (wrong size, checksum or values)."""
+        """Copies one stored row into the matrices; False when it is damaged (wrong size or checksum)."""
         if not isinstance(video_blob, bytes) or row_checksum(video, video_blob, frames_blob) != checksum:
             return False
         if len(video_blob) != video_embeds[row].nbytes:
@@ -274,7 +279,7 @@ class IndexStore:
             if not isinstance(frames_blob, bytes) or len(frames_blob) != frame_embeds[row].nbytes:
                 return False
             frame_embeds[row] = np.frombuffer(frames_blob, dtype="<f4").reshape(frame_embeds.shape[1:])
-        return bool(np.isfinite(video_embeds[row]).all())
+        return True
 
     def reading(self):
         """A read transaction: the reads made inside it see one state of the file."""
