@@ -291,6 +291,13 @@ def test_errors_name_the_problem(searcher, dataset, tmp_path, tiny_clip_dir):
         VideoIndex.load(other)
     with pytest.raises(VideoSearchError, match="not a video index"):
         build_index(other, model, processor, videos, model_name="model-b", progress=False)
+    with pytest.raises(VideoSearchError, match="not replacing it"):
+        build_index(other, model, processor, videos, model_name="model-b", rebuild=True, progress=False)
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA user_version = 99")
+    connection.close()
+    with pytest.raises(VideoSearchError, match="index schema version 99; this version of video_search reads"):
+        VideoIndex.load(path)
     with pytest.raises(SystemExit):
         main(["query", "--model", str(tiny_clip_dir), "--index", str(path), "anything"])
 
