@@ -355,7 +355,7 @@ def test_decode_transform_with_processor_and_seeded_training_sampling(synthetic_
 
 
 def test_decode_transform_returns_what_the_processor_returns_for_the_video(synthetic_root):
-    processor = StanVideoProcessor.for_image_size(32, num_frames=4)
+    processor = StanVideoProcessor.for_image_size(24, num_frames=4)  # the 32-pixel videos are resized
     dataset = load_msrvtt(synthetic_root / "msrvtt/MSRVTT_JSFUSION_test.csv", synthetic_root / "videos")
     for num_frames in (4, 8):  # as many frames as the processor's default, and more
         transform = make_decode_transform(num_frames=num_frames, video_processor=processor)
