@@ -176,7 +176,7 @@ class RetrievalTask:
         dsl = text_to_video_and_video_to_text(dual_softmax(similarity, lam, axis=0), text_to_video,
                                               sim_v2t=dual_softmax(similarity, lam, axis=1))
         metrics.update({f"dsl_{name}": value for name, value in dsl.items()})
-        if split == "test":
+        if split == "test" and "train" in self.splits:
             # Encoding the querybank (all training captions) is too costly to repeat at every validation.
             metrics.update(self._querybank_normalized_metrics(model, similarity, text_to_video, videos))
         metrics["corrupt_videos"] = float(len(set(video_index)) - len(position))
@@ -272,6 +272,11 @@ class RetrievalScript(TrainingScript):
 
     def load_splits(self, data_args: DataArguments, task_args: RetrievalArguments, seed: int) -> dict:
         splits = {split: load_split(data_args, task_args, split) for split in ("train", "validation", "test")}
+        if not self.do_train:
+            # Evaluation only: the test split, and validation and train (the QB-Norm querybank) if given.
+            if splits["test"] is None:
+                raise ValueError("--do_train false evaluates the test split: pass --test_file or --annotation_file.")
+            return {split: rows for split, rows in splits.items() if rows is not None}
         if splits["train"] is None:
             raise ValueError("No training annotations: pass --train_file or --annotation_file.")
         if splits["validation"] is None:
