@@ -410,12 +410,6 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
                 sub_config._attn_implementation_internal = implementation
         super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
 
-    def _initialize_weights(self, module, is_custom_code: bool = False):
-        # transformers skips parameterless modules of remote code (CLIPAttention, CLIPMLP), which would leave their
-        # weights at the generic N(0, initializer_range) instead of CLIP's scaled initialisation. `_init_weights` only
-        # uses `transformers.initialization`, which leaves loaded weights alone, so every module can be visited.
-        super()._initialize_weights(module, is_custom_code=False)
-
     @torch.no_grad()
     def _init_weights(self, module):
         # transformers initialises remote-code models leaf module by leaf module (a module without parameters
@@ -429,17 +423,8 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
         else:
             # CLIP's initialisation; other linear and conv layers get N(0, config.initializer_range).
             super()._init_weights(module)
-        factor = self.config.initializer_factor
-        if isinstance(module, (StanModel, StanForVideoClassification)):
-            # CLIP's scaled initialisation of the projections (keyed there on CLIPModel).
-            init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5 * factor)
-            if module.logit_scale is not None:
-                init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-        if isinstance(module, StanModel):
-            init.normal_(module.text_projection.weight, std=module.text_projection.in_features**-0.5 * factor)
-        elif isinstance(module, StanForVideoClassification):
-            # As CLIPForImageClassification's classifier.
-            init.normal_(module.classifier.weight, std=module.classifier.in_features**-0.5 * factor)
+        if isinstance(module, (StanModel, StanForVideoClassification)) and module.logit_scale is not None:
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves the model as a complete Hub repository (saved next to its processor, as `processor.save_pretrained`

@@ -1,7 +1,6 @@
 """What users' tools rely on beyond transformers' common tests: `return_dict=False`, `Trainer` with the usual
-`compute_metrics`, PEFT LoRA (`task_type="SEQ_CLS"`), input gradients under gradient checkpointing, CLIP's scaled
-initialisation of weights a checkpoint lacks, switching the attention implementation after loading, and every saved
-checkpoint being a complete Hub repository."""
+`compute_metrics`, PEFT LoRA (`task_type="SEQ_CLS"`), input gradients under gradient checkpointing, switching the
+attention implementation after loading, and every saved checkpoint being a complete Hub repository."""
 
 import json
 import logging
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
 from test_modeling_common_suite import StanModelTester
 from test_readme import single_thread, tiny_processor  # noqa: F401  (single_thread is a fixture)
 from transformers import Trainer, TrainingArguments
@@ -74,7 +72,7 @@ def test_return_dict_false_gives_tuples_everywhere(setting):
         _assert_same_tensors(as_dict, as_tuple)
 
 
-# ----------------------------------------------------------------------------------------------- base model, init
+# ------------------------------------------------------------------------------------------------------ base model
 
 
 @pytest.mark.parametrize("stan_depth", [0, 1])
@@ -83,33 +81,6 @@ def test_every_class_is_its_own_base_model(stan_depth):
     for model_class in (StanVisionModel, StanModel, StanForVideoClassification):
         model = model_class(config)
         assert model.base_model is model
-
-
-def test_weights_missing_from_a_checkpoint_get_clips_scaled_initialisation(tmp_path):
-    # A wide tower so that the sample standard deviations are close to the intended ones.
-    tester = _tester(hidden_size=128, intermediate_size=256, projection_dim=64)
-    config = tester.get_config()
-    StanModel(config).save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
-    missing = ("vision_model.encoder.layers.0.", "vision_model.stan.", "visual_projection.", "text_projection.")
-    save_file({k: v for k, v in weights.items() if not k.startswith(missing)}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})
-    model = StanModel.from_pretrained(tmp_path)
-    width, depth = config.vision_config.hidden_size, config.vision_config.num_hidden_layers
-    attention_in = width**-0.5 * (2 * depth) ** -0.5  # CLIPAttention's q/k/v projections
-    expected = {
-        model.vision_model.encoder.layers[0].self_attn.q_proj.weight: attention_in,
-        model.vision_model.encoder.layers[0].self_attn.out_proj.weight: width**-0.5,
-        model.vision_model.encoder.layers[0].mlp.fc1.weight: (2 * width) ** -0.5,
-        model.vision_model.stan.layers[0].spatial.self_attn.v_proj.weight: attention_in,
-        model.visual_projection.weight: width**-0.5,
-        model.text_projection.weight: config.text_config.hidden_size**-0.5,
-    }
-    for weight, std in expected.items():
-        assert weight.std().item() == pytest.approx(std, rel=0.1)
-    # Weights the checkpoint has are loaded, not initialised.
-    torch.testing.assert_close(model.vision_model.encoder.layers[1].self_attn.q_proj.weight,
-                               weights["vision_model.encoder.layers.1.self_attn.q_proj.weight"])
 
 
 # ---------------------------------------------------------------------------------------------- attention switch
