@@ -8,6 +8,7 @@ on a small synthetic dataset generated once per module.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,8 @@ sys.path.insert(0, str(REPO_ROOT / "training"))
 import run_classification  # noqa: E402
 import run_retrieval  # noqa: E402
 import stan_training  # noqa: E402
-from stan_checkpointing import CheckpointManager  # noqa: E402
+from stan_arguments import ScriptCommandLine  # noqa: E402
+from stan_checkpointing import CheckpointManager, RerunError, choose_checkpoint  # noqa: E402
 
 
 SIZES = {"train": 16, "validation": 8, "test": 8}
@@ -123,14 +125,17 @@ def test_parameter_groups_follow_the_authors_recipe():
     assert sorted(group_of) == sorted(trainable) and sum(len(g["params"]) for g in groups) == len(trainable)
 
 
+def retrieval_command_line(**recipe_defaults) -> ScriptCommandLine:
+    return ScriptCommandLine(run_retrieval.COMMAND_LINE.argument_types, recipe_defaults, {}, ("msrvtt",))
+
+
 def test_config_file_then_flags_override(tmp_path):
     config = tmp_path / "recipe.yaml"
     # YAML reads 2e-5 as a string: it must still become a float, as the same flag would.
     config.write_text("learning_rate: 2e-5\nnum_frames: 12\nrandom_resized_crop_scale: [0.5, 1.0]\n"
                       "gradient_checkpointing: true\nalignment: mug\n")
-    model, data, retrieval, training = stan_training.parse_arguments(
-        run_retrieval.RetrievalScript.argument_types, {"num_frames": 4, "learning_rate": 1.0},
-        ["--config", str(config), "--num_frames", "16"],
+    model, data, retrieval, training = retrieval_command_line(num_frames=4, learning_rate=1.0).parse(
+        ["--config", str(config), "--num_frames", "16"]
     )
     assert training.learning_rate == 2e-5
     assert data.num_frames == 16  # the flag beats the file, which beats the script default
@@ -138,25 +143,28 @@ def test_config_file_then_flags_override(tmp_path):
     assert model.gradient_checkpointing is True and retrieval.alignment == "mug"
 
 
-def test_config_file_errors_name_the_file_and_option(tmp_path):
-    unknown = tmp_path / "unknown.yaml"
-    unknown.write_text("learning_rat: 1.0\n")
-    with pytest.raises(ValueError, match=r"unknown\.yaml.*learning_rat"):
-        stan_training.parse_arguments(run_retrieval.RetrievalScript.argument_types, {}, ["--config", str(unknown)])
-    wrong_type = tmp_path / "wrong.json"
-    wrong_type.write_text('{"num_frames": "eight"}')
-    with pytest.raises(ValueError, match=r"wrong\.json.*num_frames"):
-        stan_training.parse_arguments(run_retrieval.RetrievalScript.argument_types, {}, ["--config", str(wrong_type)])
-    with pytest.raises(ValueError, match="--eval_strategy"):
-        stan_training.parse_arguments(run_retrieval.RetrievalScript.argument_types, {}, ["--eval_strategy", "sometimes"])
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "{tmp}/unknown.yaml"], r"unknown\.yaml.*learning_rat"),
+    (["--config", "{tmp}/wrong.json"], r"wrong\.json.*num_frames"),
+    (["--config", "{tmp}/missing.yaml"], r"missing\.yaml: no such file"),
+    (["--eval_strategy", "sometimes"], r"--eval_strategy.*invalid choice: 'sometimes'"),
+    (["--eval_strategy", "steps"], r"--eval_strategy steps needs --eval_steps > 0"),
+])
+def test_bad_options_exit_with_a_message_naming_them(tmp_path, capsys, argv, message):
+    (tmp_path / "unknown.yaml").write_text("learning_rat: 1.0\n")
+    (tmp_path / "wrong.json").write_text('{"num_frames": "eight"}')
+    with pytest.raises(SystemExit) as exit:
+        retrieval_command_line().parse([arg.format(tmp=tmp_path) for arg in argv])
+    assert exit.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("config", sorted((REPO_ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_recipe_configs_parse(config):
     dataset = yaml.safe_load(config.read_text())["dataset"]
     script = next(script for script in (run_retrieval.RetrievalScript, run_classification.ClassificationScript)
-                  if dataset in script.dataset_formats)
-    model, _, _, training = stan_training.parse_arguments(script.argument_types, {}, ["--config", str(config)])
+                  if dataset in script.command_line.dataset_formats)
+    model, _, _, training = script.command_line.parse(["--config", str(config)])
     assert model.model_name_or_path.startswith("openai/clip-vit-")
     assert training.metric_for_best_model in ("t2v_R@1", "top1")
 
@@ -183,16 +191,16 @@ def test_checkpoint_manager_keeps_the_last_ones_and_the_best(tmp_path):
     accelerator = Accelerator(cpu=True)
     accelerator.prepare(torch.nn.Linear(2, 2))
     manager = CheckpointManager(accelerator, tmp_path / "checkpoints", total_limit=2)
-    assert manager.resolve("latest") is None and manager.resolve(None) is None
+    assert choose_checkpoint(manager, "latest").checkpoint is None
     (tmp_path / "checkpoints" / ".tmp-checkpoint-9").mkdir(parents=True)  # left by a crash
     for step in (1, 2, 3, 4):
         manager.save(step, protected_step=1)
     assert manager.steps() == [1, 3, 4]
-    assert manager.resolve("latest") == tmp_path / "checkpoints" / "checkpoint-4"
+    assert choose_checkpoint(manager, "latest").checkpoint == tmp_path / "checkpoints" / "checkpoint-4"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
     assert (manager.path(4) / "model.safetensors").is_file()
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        manager.resolve(str(tmp_path / "nowhere"))
+    with pytest.raises(RerunError, match="nowhere"):
+        choose_checkpoint(manager, str(tmp_path / "nowhere"))
     _reset_accelerate()
 
 
@@ -290,10 +298,13 @@ def test_nonfinite_loss_skips_the_step_then_stops_the_run(tmp_path, data_dir):
     common = [*SMALL, "--data_dir", data_dir, "--eval_strategy", "no", "--save_strategy", "no"]
     results = run(run_retrieval, tmp_path / "once", *common, "--max_steps", 3, "--debug_nonfinite_steps", 2,
                   "--debug_dump_dir", dump_dir)
-    assert [r["applied"] for r in dump(dump_dir) if "step" in r] == [True, False, True]
-    assert results["train"]["nonfinite_steps"] == 1
+    attempts = [r for r in dump(dump_dir) if "attempt" in r]
+    # The second attempt is refused; it is not a step, so a fourth attempt makes the third step.
+    assert [(r["attempt"], r["step"], r["applied"]) for r in attempts] == [
+        (1, 1, True), (2, 1, False), (3, 2, True), (4, 3, True)]
+    assert results["train"]["steps"] == 3 and results["train"]["nonfinite_steps"] == 1
 
-    with pytest.raises(stan_training.NonFiniteLossError, match=r"Step 3: non-finite loss.*Stopping"):
+    with pytest.raises(stan_training.NonFiniteLossError, match=r"Step 2: non-finite loss.*Stopping"):
         run(run_retrieval, tmp_path / "twice", *common, "--max_steps", 4, "--debug_nonfinite_steps", 2, 3,
             "--max_nonfinite_steps", 2)
 

@@ -13,8 +13,73 @@ multi-view testing: `--num_test_clips` temporal clips x `--num_test_crops` spati
 averaged.
 """
 
+# The command line comes first and is parsed before the heavy imports below (torch, transformers' models, datasets:
+# seconds), so that `--help` and a bad flag answer at once.
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
+
+from stan_arguments import DataArguments, ModelArguments, ScriptCommandLine, TrainingArguments
+
+
+@dataclass
+class ClassificationArguments:
+    classifier_type: Literal["text", "linear"] = field(
+        default="text", metadata={"help": "'text' (class-name text embeddings, the authors') or 'linear'."}
+    )
+    hypothesis_template: str = field(default="a video of {}.", metadata={"help": "Prompt of the text classifier."})
+    num_test_clips: int = field(default=1, metadata={"help": "Temporal views per video at evaluation."})
+    num_test_crops: int = field(default=1, metadata={"help": "Spatial views per clip at evaluation: 1 or 3."})
+    labels_file: str | None = field(default=None, metadata={"help": "ssv2: something-something-v2-labels.json."})
+    split_dir: str | None = field(default=None, metadata={"help": "ucf101/hmdb51: the folder of split lists."})
+    fold: int = field(default=1, metadata={"help": "ucf101/hmdb51: split fold 1, 2 or 3."})
+
+    @property
+    def num_views(self) -> int:
+        return self.num_test_clips * self.num_test_crops
+
+
+# Defaults for pre-trained CLIP checkpoints (the recipes in training/configs/ set the rest).
+RECIPE_DEFAULTS = {
+    "output_dir": "outputs/classification",
+    "metric_for_best_model": "top1",
+}
+# The tiny random CLIP of the no-argument demo learns from scratch (see run_retrieval.py); flags still win.
+# From random weights the model first sits on a plateau (constant predictions) for about 300 steps: STAN-conv
+# leaves it sooner than STAN-self on this motion-direction task, and a constant learning rate keeps the escape
+# from depending on how far a decaying schedule has gone by then.
+DEMO_DEFAULTS = {
+    "stan_depth": 1,
+    "temporal_module": "conv",
+    "drop_path_rate": 0.0,
+    "classifier_type": "linear",
+    "num_frames": 8,
+    "learning_rate": 1e-3,
+    "stan_lr_multiplier": 1.0,
+    "weight_decay": 0.01,
+    "lr_scheduler_type": "constant_with_warmup",
+    "warmup_ratio": 0.05,
+    "num_train_epochs": 60.0,
+    "per_device_train_batch_size": 16,
+    "random_resized_crop_scale": [0.8, 1.0],
+    "eval_strategy": "steps",
+    "eval_steps": 100,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "dataloader_num_workers": 1,
+}
+
+COMMAND_LINE = ScriptCommandLine(
+    argument_types=(ModelArguments, DataArguments, ClassificationArguments, TrainingArguments),
+    recipe_defaults=RECIPE_DEFAULTS,
+    demo_defaults=DEMO_DEFAULTS,
+    dataset_formats=("kinetics", "ssv2", "ucf101", "hmdb51", "folder"),
+    description=__doc__,
+)
+
+if __name__ == "__main__":
+    COMMAND_LINE.parse()  # exits here on --help or a bad flag
+
+from pathlib import Path  # noqa: E402 (after the command line, see above)
 
 import datasets
 import torch
@@ -28,32 +93,7 @@ from modeling_stan.video_datasets import (
     load_ucf101,
     load_video_folder,
 )
-from stan_training import (
-    DataArguments,
-    ModelArguments,
-    RowOutputs,
-    TrainingArguments,
-    TrainingScript,
-    collate_clips,
-    evaluation_dataloader,
-)
-
-
-@dataclass
-class ClassificationArguments:
-    classifier_type: str = field(
-        default="text", metadata={"help": "'text' (class-name text embeddings, the authors') or 'linear'."}
-    )
-    hypothesis_template: str = field(default="a video of {}.", metadata={"help": "Prompt of the text classifier."})
-    num_test_clips: int = field(default=1, metadata={"help": "Temporal views per video at evaluation."})
-    num_test_crops: int = field(default=1, metadata={"help": "Spatial views per clip at evaluation: 1 or 3."})
-    labels_file: str | None = field(default=None, metadata={"help": "ssv2: something-something-v2-labels.json."})
-    split_dir: str | None = field(default=None, metadata={"help": "ucf101/hmdb51: the folder of split lists."})
-    fold: int = field(default=1, metadata={"help": "ucf101/hmdb51: split fold 1, 2 or 3."})
-
-    @property
-    def num_views(self) -> int:
-        return self.num_test_clips * self.num_test_crops
+from stan_training import RowOutputs, TrainingScript, collate_clips, evaluation_dataloader
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,38 +186,12 @@ class ClassificationTask:
 
 
 class ClassificationScript(TrainingScript):
-    argument_types = (ModelArguments, DataArguments, ClassificationArguments, TrainingArguments)
-    recipe_defaults = {
-        "output_dir": "outputs/classification",
-        "metric_for_best_model": "top1",
-    }
-    # The tiny random CLIP of the no-argument demo learns from scratch (see run_retrieval.py); flags still win.
-    # From random weights the model first sits on a plateau (constant predictions) for about 300 steps: STAN-conv
-    # leaves it sooner than STAN-self on this motion-direction task, and a constant learning rate keeps the escape
-    # from depending on how far a decaying schedule has gone by then.
-    demo_defaults = {
-        "stan_depth": 1,
-        "temporal_module": "conv",
-        "drop_path_rate": 0.0,
-        "classifier_type": "linear",
-        "num_frames": 8,
-        "learning_rate": 1e-3,
-        "stan_lr_multiplier": 1.0,
-        "weight_decay": 0.01,
-        "lr_scheduler_type": "constant_with_warmup",
-        "warmup_ratio": 0.05,
-        "num_train_epochs": 60.0,
-        "per_device_train_batch_size": 16,
-        "random_resized_crop_scale": [0.8, 1.0],
-        "eval_strategy": "steps",
-        "eval_steps": 100,
-        "save_strategy": "steps",
-        "save_steps": 100,
-        "dataloader_num_workers": 1,
-    }
-    dataset_formats = ("kinetics", "ssv2", "ucf101", "hmdb51", "folder")
+    command_line = COMMAND_LINE
     model_class = StanForVideoClassification
     card_task = "video-classification"
+    summary_metrics = ("top1", "top5")
+    next_command = ("python -c \"import modeling_stan; from transformers import pipeline; "
+                    "print(pipeline('video-classification', model='{output_dir}')('video.mp4', top_k=2))\"")
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
         # The synthetic dataset ships a class-per-folder copy: folders/{train,validation,test}/<direction>/.
@@ -215,4 +229,4 @@ main = ClassificationScript().main
 
 
 if __name__ == "__main__":
-    main()
+    ClassificationScript().run_from_command_line()

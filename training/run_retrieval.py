@@ -19,8 +19,72 @@ dual softmax (`dsl_`), and on the test split also with querybank normalisation o
 (`qbnorm_t2v_`).
 """
 
+# The command line comes first and is parsed before the heavy imports below (torch, transformers' models, datasets:
+# seconds), so that `--help` and a bad flag answer at once.
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
+
+from stan_arguments import DataArguments, ModelArguments, ScriptCommandLine, TrainingArguments
+
+
+@dataclass
+class RetrievalArguments:
+    alignment: Literal["mean", "mug"] = field(default="mean", metadata={"help": "'mean' (STAN) or 'mug' (Mug-STAN)."})
+    mug_variant: Literal["simple", "full"] = field(default="simple", metadata={"help": "'simple' or 'full' Mug alignment."})
+    mug_lambda: float = field(default=100.0, metadata={"help": "Mug alignment: inverse temperature of its token/frame softmax."})
+    loss_reduction: Literal["sum", "mean"] = field(default="sum", metadata={"help": "'sum' (authors) or 'mean' (CLIP) of the 2 directions."})
+    freeze_text_tower: bool = field(default=False, metadata={"help": "Train the video tower only."})
+    max_text_length: int = field(default=32, metadata={"help": "Caption tokens (padded or truncated to this)."})
+    train_video_ids_file: str | None = field(default=None, metadata={"help": "msrvtt/msvd: ids of the training videos."})
+    validation_video_ids_file: str | None = field(
+        default=None, metadata={"help": "msrvtt/msvd: ids of the validation videos."}
+    )
+    test_video_ids_file: str | None = field(default=None, metadata={"help": "msrvtt/msvd: ids of the test videos."})
+    dsl_lambda: float = field(default=100.0, metadata={"help": "Inverse temperature of dual-softmax re-ranking."})
+    qb_norm_beta: float = field(default=20.0, metadata={"help": "Inverse temperature of QB-Norm."})
+    qb_norm_k: int = field(default=1, metadata={"help": "QB-Norm: querybank neighbours per gallery video."})
+    qb_norm_bank_size: int | None = field(
+        default=None, metadata={"help": "Training captions in the QB-Norm querybank. Unset: all of them."}
+    )
+
+
+# The authors' MSR-VTT recipe (configs/exp/stan/stan_msrvtt_b32_hf.py) for pre-trained CLIP checkpoints.
+RECIPE_DEFAULTS = {
+    "output_dir": "outputs/retrieval",
+    "metric_for_best_model": "t2v_R@1",
+    "num_frames": 12,
+    "fixed_logit_scale": 100.0,
+}
+# The tiny random CLIP of the no-argument demo is not pre-trained: it learns from scratch, at a from-scratch
+# learning rate, in a few minutes. These apply only when --model_name_or_path is not given; flags still win.
+DEMO_DEFAULTS = {
+    "stan_depth": 1,
+    "drop_path_rate": 0.0,
+    "fixed_logit_scale": None,
+    "num_frames": 8,
+    "max_text_length": 16,
+    "learning_rate": 1e-3,
+    "stan_lr_multiplier": 1.0,
+    "weight_decay": 0.01,
+    "warmup_ratio": 0.05,
+    "num_train_epochs": 12.0,
+    "per_device_train_batch_size": 16,
+    "random_resized_crop_scale": [0.6, 1.0],
+    "dataloader_num_workers": 1,
+}
+
+COMMAND_LINE = ScriptCommandLine(
+    argument_types=(ModelArguments, DataArguments, RetrievalArguments, TrainingArguments),
+    recipe_defaults=RECIPE_DEFAULTS,
+    demo_defaults=DEMO_DEFAULTS,
+    dataset_formats=("msrvtt", "didemo", "lsmdc", "msvd", "activitynet", "webvid"),
+    description=__doc__,
+)
+
+if __name__ == "__main__":
+    COMMAND_LINE.parse()  # exits here on --help or a bad flag
+
+from pathlib import Path  # noqa: E402 (after the command line, see above)
 
 import datasets
 import torch
@@ -37,16 +101,7 @@ from modeling_stan.video_datasets import (
     load_webvid,
     unique_video_rows,
 )
-from stan_training import (
-    DataArguments,
-    ModelArguments,
-    RowOutputs,
-    TrainingArguments,
-    TrainingScript,
-    all_gather_with_grad,
-    collate_clips,
-    evaluation_dataloader,
-)
+from stan_training import RowOutputs, TrainingScript, all_gather_with_grad, collate_clips, evaluation_dataloader
 
 
 BUILDERS = {
@@ -59,26 +114,6 @@ BUILDERS = {
 }
 # Builders that take a list of video ids per split (MSR-VTT's train.9k.csv, MSVD's train_list.txt).
 TAKE_VIDEO_IDS = ("msrvtt", "msvd")
-
-
-@dataclass
-class RetrievalArguments:
-    alignment: str = field(default="mean", metadata={"help": "'mean' (STAN) or 'mug' (Mug-STAN)."})
-    mug_variant: str = field(default="simple", metadata={"help": "'simple' or 'full' Mug alignment."})
-    mug_lambda: float = 100.0
-    loss_reduction: str = field(default="sum", metadata={"help": "'sum' (authors) or 'mean' (CLIP) of the 2 directions."})
-    freeze_text_tower: bool = field(default=False, metadata={"help": "Train the video tower only."})
-    max_text_length: int = 32
-    train_video_ids_file: str | None = field(default=None, metadata={"help": "msrvtt/msvd: ids of the training videos."})
-    validation_video_ids_file: str | None = None
-    test_video_ids_file: str | None = None
-    dsl_lambda: float = field(default=100.0, metadata={"help": "Inverse temperature of dual-softmax re-ranking."})
-    qb_norm_beta: float = field(default=20.0, metadata={"help": "Inverse temperature of QB-Norm."})
-    qb_norm_k: int = 1
-    qb_norm_bank_size: int | None = field(
-        default=None, metadata={"help": "Training captions in the QB-Norm querybank (default: all)."}
-    )
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
@@ -236,34 +271,14 @@ class RetrievalTask:
 
 
 class RetrievalScript(TrainingScript):
-    argument_types = (ModelArguments, DataArguments, RetrievalArguments, TrainingArguments)
-    # The authors' MSR-VTT recipe (configs/exp/stan/stan_msrvtt_b32_hf.py) for pre-trained CLIP checkpoints.
-    recipe_defaults = {
-        "output_dir": "outputs/retrieval",
-        "metric_for_best_model": "t2v_R@1",
-        "num_frames": 12,
-        "fixed_logit_scale": 100.0,
-    }
-    # The tiny random CLIP of the no-argument demo is not pre-trained: it learns from scratch, at a from-scratch
-    # learning rate, in a few minutes. These apply only when --model_name_or_path is not given; flags still win.
-    demo_defaults = {
-        "stan_depth": 1,
-        "drop_path_rate": 0.0,
-        "fixed_logit_scale": None,
-        "num_frames": 8,
-        "max_text_length": 16,
-        "learning_rate": 1e-3,
-        "stan_lr_multiplier": 1.0,
-        "weight_decay": 0.01,
-        "warmup_ratio": 0.05,
-        "num_train_epochs": 12.0,
-        "per_device_train_batch_size": 16,
-        "random_resized_crop_scale": [0.6, 1.0],
-        "dataloader_num_workers": 1,
-    }
-    dataset_formats = tuple(BUILDERS)
+    command_line = COMMAND_LINE
     model_class = StanForVideoTextRetrieval
     card_task = "video-text-retrieval"
+    summary_metrics = ("t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_MdR", "v2t_R@1", "dsl_t2v_R@1")
+    next_command = ("python -c \"import modeling_stan; from transformers import pipeline; "
+                    "print(pipeline('zero-shot-video-classification', model='{output_dir}')('video.mp4', "
+                    "candidate_labels=['a red square moves from left to right', 'a blue circle moves from top to "
+                    "bottom'], hypothesis_template='{{}}'))\"")
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
         # The synthetic dataset ships an MSR-VTT-style annotation file holding all three splits.
@@ -306,4 +321,4 @@ main = RetrievalScript().main
 
 
 if __name__ == "__main__":
-    main()
+    RetrievalScript().run_from_command_line()
