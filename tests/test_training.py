@@ -83,13 +83,32 @@ def data_dir(tmp_path_factory):
     return root
 
 
+def corrupt_copy(data_dir, destination, videos):
+    """A copy of the synthetic dataset whose `videos` (indices) are unreadable."""
+    shutil.copytree(data_dir, destination, symlinks=True)
+    for index in videos:
+        (destination / "videos" / f"video{index}.mp4").write_bytes(b"\x00not a video" * 50)
+    return destination
+
+
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, data_dir):
-    """An uninterrupted 6-step run: its per-step losses and final weight hash."""
+def resumable_data_dir(tmp_path_factory, data_dir):
+    """Two unreadable training videos (4 of the 32 training captions): the resumption tests also check that the
+    corrupt-sample counts of a resumed run equal an uninterrupted run's."""
+    return corrupt_copy(data_dir, tmp_path_factory.mktemp("resumable") / "data", videos=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, resumable_data_dir):
+    """An uninterrupted 6-step run: its per-step losses, final weight hash (`dump`) and `all_results.json`."""
     folder = tmp_path_factory.mktemp("reference")
-    run(run_retrieval, folder / "out", *RESUMABLE, "--data_dir", data_dir, "--max_steps", 6,
+    run(run_retrieval, folder / "out", *RESUMABLE, "--data_dir", resumable_data_dir, "--max_steps", 6,
         "--debug_dump_dir", folder / "dump")
-    return dump(folder / "dump")
+    return {"dump": dump(folder / "dump"), "results": results_file(folder / "out")}
+
+
+def results_file(output_dir) -> dict:
+    return json.loads((output_dir / "all_results.json").read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,9 +233,9 @@ def test_all_gather_with_grad_is_the_identity_on_one_process():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_dir, reference_run):
+def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, resumable_data_dir, reference_run):
     output, dump_dir = tmp_path / "out", tmp_path / "dump"
-    common = [*RESUMABLE, "--data_dir", data_dir, "--debug_dump_dir", dump_dir]
+    common = [*RESUMABLE, "--data_dir", resumable_data_dir, "--debug_dump_dir", dump_dir]
     run(run_retrieval, output, *common, "--max_steps", 3)
     assert (output / "checkpoints" / "checkpoint-3").is_dir()
     run(run_retrieval, output, *common, "--max_steps", 6, "--resume_from_checkpoint", "latest")
@@ -224,13 +243,20 @@ def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data
     records = dump(dump_dir)
     # Steps 1-3 come from the first run, 4-6 from the resumed one (which restarts mid-epoch: 4 steps an epoch).
     assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 4, 5, 6]
-    assert loss_curve(records) == loss_curve(reference_run)
-    assert final_hash(records) == final_hash(reference_run)
+    assert loss_curve(records) == loss_curve(reference_run["dump"])
+    assert final_hash(records) == final_hash(reference_run["dump"])
+    # Counted once each, although the loader had prefetched past step 3 when the first run stopped: the whole of
+    # epoch 0 (all 4 corrupt captions), and the same part of epoch 1 as the uninterrupted run.
+    resumed, reference = results_file(output)["train"], reference_run["results"]["train"]
+    assert resumed["corrupt_samples_per_epoch"] == reference["corrupt_samples_per_epoch"]
+    assert resumed["corrupt_samples_per_epoch"]["0"] == 4
+    assert resumed["samples"] == reference["samples"] == 48  # 6 steps x 8
 
 
-def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, data_dir, reference_run):
+def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, resumable_data_dir, reference_run,
+                                                                          caplog):
     output, dump_dir = tmp_path / "out", tmp_path / "dump"
-    common = [*RESUMABLE, "--data_dir", data_dir, "--debug_dump_dir", dump_dir, "--max_steps", 6]
+    common = [*RESUMABLE, "--data_dir", resumable_data_dir, "--debug_dump_dir", dump_dir, "--max_steps", 6]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, str(REPO_ROOT / "training" / "run_retrieval.py"), "--output_dir", str(output),
                *map(str, common), "--debug_checkpoint_write_delay", "0.3"]
@@ -250,12 +276,17 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_pa
     checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
     assert checkpoints == [".tmp-checkpoint-4", "checkpoint-2"]
 
-    run(run_retrieval, output, *common, "--resume_from_checkpoint", "latest")
+    # The same command again (without --debug_checkpoint_write_delay, which does not change the run): the default
+    # --resume_from_checkpoint auto continues the unfinished run.
+    with caplog.at_level("INFO"):
+        run(run_retrieval, output, *common)
+    assert "Resuming the unfinished run" in caplog.text and "checkpoint-2 (step 2 of 6)" in caplog.text
     resumed = [r for r in dump(dump_dir) if "step" in r]
     # The killed run logged steps 1-4; the resumed one starts again after step 2.
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 3, 4, 5, 6]
-    assert {r["step"]: r["loss"] for r in resumed[4:]} == {s: l for s, l in loss_curve(reference_run).items() if s > 2}
-    assert final_hash(dump(dump_dir)) == final_hash(reference_run)
+    reference = loss_curve(reference_run["dump"])
+    assert {r["step"]: r["loss"] for r in resumed[4:]} == {s: l for s, l in reference.items() if s > 2}
+    assert final_hash(dump(dump_dir)) == final_hash(reference_run["dump"])
     assert not in_flight.exists()  # the leftover is cleaned up by the next save
 
 
@@ -281,6 +312,44 @@ def test_corrupt_videos_are_skipped_and_counted(tmp_path, data_dir):
     assert {"t2v_R@1", "v2t_MdR", "dsl_t2v_R@1", "dsl_v2t_MnR"} <= saved["validation"].keys()
     assert {"t2v_R@1", "dsl_v2t_R@1", "qbnorm_t2v_R@1"} <= saved["test"].keys()
     assert not any(name.startswith("qbnorm") for name in saved["validation"])
+
+
+@pytest.mark.parametrize("unreadable, message", [
+    (range(SIZES["train"]), r"Epoch 0: none of the 32 training samples could be decoded"),
+    (range(6), r"Epoch 0: only 20 of 32 training samples \(62%\) could be decoded, below "
+               r"--min_usable_sample_fraction 0.8"),
+], ids=["all", "most"])
+def test_a_run_without_enough_usable_training_videos_fails(tmp_path, data_dir, monkeypatch, caplog, unreadable,
+                                                           message):
+    data = corrupt_copy(data_dir, tmp_path / "data", unreadable)
+    output = tmp_path / "out"
+    # As `python training/run_retrieval.py ...` runs it: a non-zero exit and the reason, no traceback.
+    monkeypatch.setattr(sys, "argv", ["run_retrieval.py", "--output_dir", str(output), *map(str, SMALL),
+                                      "--data_dir", str(data), "--num_train_epochs", "1"])
+    _reset_accelerate()
+    with pytest.raises(SystemExit) as exit:
+        run_retrieval.RetrievalScript().run_from_command_line()
+    _reset_accelerate()
+    assert exit.value.code == 1
+    assert re.search(r"UnusableTrainingDataError: " + message, caplog.text)
+    assert not (output / "model.safetensors").exists() and not (output / "all_results.json").exists()
+
+
+def test_running_the_same_command_again_re_exports_a_finished_run(tmp_path, data_dir, caplog):
+    """The second run of an unchanged command (as when the README's first command is run twice): no training, the
+    best checkpoint evaluated and exported again, with one line saying so; a changed command is refused."""
+    output = tmp_path / "out"
+    command = [*SMALL, "--data_dir", data_dir, "--max_steps", 2, "--eval_strategy", "no", "--save_strategy", "no"]
+    first = run(run_retrieval, output, *command)
+    with caplog.at_level("INFO"):
+        second = run(run_retrieval, output, *command)
+    assert "already finished training (step 2 of 2) with these arguments" in caplog.text
+    assert second["test"] == first["test"] and second["train"]["steps"] == 2
+    assert (output / "model.safetensors").is_file()
+    with pytest.raises(RerunError, match=r"other arguments \(learning_rate: 0\.001 there, 0\.002 here\).*"
+                                         r"--overwrite_output_dir"):
+        run(run_retrieval, output, *command, "--learning_rate", 0.002)
+    assert run(run_retrieval, output, *command, "--learning_rate", 0.002, "--overwrite_output_dir")["train"]["steps"] == 2
 
 
 def test_classification_with_multi_view_testing(tmp_path, data_dir):

@@ -95,12 +95,12 @@ class DataArguments:
                 "random_resized_crop_scale": self.random_resized_crop_scale}
 
 
-# `--resume_from_checkpoint auto`: see `stan_rerun.py`.
+# What a re-run does with the checkpoints it finds: `stan_checkpointing.choose_checkpoint`.
 RESUME_HELP = (
-    "'auto': continue an unfinished run found in OUTPUT_DIR when its arguments are the same (a finished one is only "
-    "re-evaluated and re-exported), else start afresh; 'latest': continue the newest checkpoint whatever its "
-    "arguments; 'never': start afresh (fails if OUTPUT_DIR holds checkpoints, unless --overwrite_output_dir); or a "
-    "checkpoint folder."
+    "'auto': start afresh when OUTPUT_DIR holds no checkpoint; continue the run there when its arguments are this "
+    "command's (a finished run is only evaluated and exported again); stop with a message when they differ. "
+    "'latest': continue the newest checkpoint whatever its arguments. 'never': start afresh (stops if OUTPUT_DIR "
+    "holds checkpoints, unless --overwrite_output_dir). Or a checkpoint folder."
 )
 
 
@@ -240,8 +240,9 @@ class ScriptCommandLine:
         for action in parser._actions:
             if action.dest == "dataset":
                 action.choices = ("synthetic", *self.dataset_formats)
+        dataclass_defaults = {action.dest: action.default for action in parser._actions}
         parser.set_defaults(**defaults)
-        other = self.defaults(not is_demo)
+        other = {**dataclass_defaults, **self.defaults(not is_demo)}
         for action in parser._actions:
             if action.help not in (None, argparse.SUPPRESS) and action.dest != "help" and action.const is not False:
                 action.help = _with_defaults(action, other, is_demo)
@@ -254,7 +255,7 @@ def _with_defaults(action: argparse.Action, other_defaults: dict, is_demo: bool)
     parts = []
     if action.default not in (None, []):
         parts.append(f"default: {_show(action.default)}")
-    other = other_defaults.get(action.dest, action.default)
+    other = other_defaults[action.dest]
     if other != action.default:
         parts.append(f"{_show(other)} {'with' if is_demo else 'without'} --model_name_or_path")
     return f"{help_text} ({'; '.join(parts)})" if parts else help_text

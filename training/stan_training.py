@@ -32,6 +32,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, load_fsdp_mo
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoTokenizer, get_scheduler
 
 from modeling_stan import StanModel
@@ -608,8 +609,9 @@ class TrainingLoop:
         self._log_plan()
         self.bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
                         disable=not self.accelerator.is_local_main_process)
-        while self.progress.step < self.total_steps:
-            self._train_epoch()
+        with logging_redirect_tqdm():  # log lines above the bar, not through it
+            while self.progress.step < self.total_steps:
+                self._train_epoch()
         self.bar.close()
         if self.args.eval_strategy != "no" and self.progress.last_validated_step != self.progress.step:
             self._validate()
@@ -910,7 +912,8 @@ class TrainingScript:
         _push_to_hub(accelerator, training_args, output_dir)
         accelerator.end_training()
         if accelerator.is_main_process:
-            print(run_summary(results, output_dir, self.summary_metrics, self.next_command), flush=True)
+            print(run_summary(results, output_dir, self.summary_metrics, training_args.metric_for_best_model,
+                              self.next_command), flush=True)
         return results
 
     def run_from_command_line(self) -> None:
@@ -1013,12 +1016,13 @@ def training_summary(loop: TrainingLoop, best_step: int, runtime: float) -> dict
     }
 
 
-def run_summary(results: dict, output_dir: Path, metrics: Sequence[str], next_command: str) -> str:
+def run_summary(results: dict, output_dir: Path, metrics: Sequence[str], best_metric: str, next_command: str) -> str:
     """The end-of-run table: key metrics, where everything was written, and what to run next."""
     train, test, validation = results["train"], results["test"], results["validation"]
     rows = [("steps", f"{train['steps']} (best validation at step {train['best_step']})")]
+    if best_metric in validation:
+        rows.append((f"validation {best_metric}", f"{validation[best_metric]:.2f} (selects the best step)"))
     rows += [(f"test {name}", f"{test[name]:.2f}") for name in metrics if name in test]
-    rows += [(f"validation {name}", f"{validation[name]:.2f}") for name in metrics[:1] if name in validation]
     rows += [("corrupt training samples", f"{train['corrupt_samples']} of {train['samples']}"),
              ("skipped steps", f"{train['skipped_steps']} (no usable sample), {train['nonfinite_steps']} (non-finite)"),
              ("runtime", f"{train['runtime_seconds']:.0f} s"),
