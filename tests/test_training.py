@@ -57,10 +57,13 @@ def _reset_accelerate() -> None:
 
 def run(script, output_dir, *flags) -> dict:
     _reset_accelerate()
+    started = time.monotonic()
     try:
         return script.main(["--output_dir", str(output_dir), *map(str, flags)])
     finally:
         _reset_accelerate()
+        # Progress of a long module (`pytest -s` shows it).
+        print(f"[{script.__name__} -> {output_dir.name}: {time.monotonic() - started:.0f} s]", flush=True)
 
 
 def dump(folder, rank: int = 0) -> list[dict]:
