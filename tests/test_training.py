@@ -342,12 +342,15 @@ def test_running_the_same_command_again_re_exports_a_finished_run(tmp_path, data
     """The second run of an unchanged command (as when the README's first command is run twice): no training, the
     best checkpoint evaluated and exported again, with one line saying so; a changed command is refused."""
     output = tmp_path / "out"
-    command = [*SMALL, "--data_dir", data_dir, "--max_steps", 2, "--eval_strategy", "no", "--save_strategy", "no"]
+    # Step 2 is checkpointed (--save_steps 2), then validated (the end of training): the checkpoint is rewritten
+    # with the validation, which the second run must find.
+    command = [*SMALL, "--data_dir", data_dir, "--max_steps", 2, "--save_strategy", "steps", "--save_steps", 2]
     first = run(run_retrieval, output, *command)
     with caplog.at_level("INFO"):
         second = run(run_retrieval, output, *command)
     assert "already finished training (step 2 of 2) with these arguments" in caplog.text
     assert second["test"] == first["test"] and second["train"]["steps"] == 2
+    assert second["validation"] == first["validation"] and "t2v_R@1" in first["validation"]
     assert (output / "model.safetensors").is_file()
     with pytest.raises(RerunError, match=r"other arguments \(learning_rate: 0\.001 there, 0\.002 here\).*"
                                          r"--overwrite_output_dir"):

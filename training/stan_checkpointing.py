@@ -72,12 +72,13 @@ class CheckpointManager:
         path = self.path(step) / RUN_FILE
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
-    def save(self, step: int, protected_step: int | None = None, metadata: dict | None = None) -> Path:
+    def save(self, step: int, protected_step: int | None = None, metadata: dict | None = None,
+             replace: bool = False) -> Path:
         """Saves the full training state of `step` atomically (all processes call this), then prunes. `metadata`
-        goes into `run.json` with the run's arguments."""
+        goes into `run.json` with the run's arguments. An existing checkpoint of `step` is kept unless `replace`
+        (the state of that step changed since, e.g. a validation after it)."""
         final = self.path(step)
-        if final.is_dir():
-            # Already saved at this step (e.g. the best checkpoint, then the end-of-training one): same state.
+        if final.is_dir() and not replace:
             return final
         temporary = self.directory / f".tmp-{final.name}"
         accelerator = self.accelerator
@@ -91,6 +92,10 @@ class CheckpointManager:
             run = {"arguments": self.run_arguments, **(metadata or {})}
             (temporary / RUN_FILE).write_text(json.dumps(run, indent=2), encoding="utf-8")
             self._fsync_tree(temporary)
+            if final.is_dir():
+                # A rename cannot replace a non-empty folder: the old state of this step goes first (the checkpoints
+                # before it stay, so a crash in between still leaves a complete one to resume from).
+                _remove_atomically(final)
             os.replace(temporary, final)
             _fsync_directory(self.directory)
             self._prune(protected_step)

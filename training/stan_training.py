@@ -5,6 +5,7 @@ atomic checkpoints, and the final export.
 Both scripts are launched as `accelerate launch training/run_*.py`, which puts this folder on `sys.path`.
 """
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -600,6 +601,7 @@ class TrainingLoop:
         # The scheduler is not `prepare`d (that would step it once per process): it is saved as a custom object.
         accelerator.register_for_checkpointing(scheduler, self.progress)
         self.checkpoints = checkpoints
+        self._last_saved: tuple[int, dict] | None = None  # (step, progress state) of this run's last checkpoint
 
     # -- driving ----------------------------------------------------------------------------------------------------
 
@@ -663,13 +665,14 @@ class TrainingLoop:
             with self.accelerator.accumulate(self.model):
                 self._micro_step(micro_batch, window)
             if self.accelerator.sync_gradients:
-                if self._optimizer_step(window):
-                    self._after_step()
+                applied = self._optimizer_step(window)
                 window = _Window()
+                end_of_epoch = progress.epoch_micro_batches == len(self.train_loader)
+                if end_of_epoch:
+                    self._end_epoch(epoch)
+                self._validate_and_save(applied, end_of_epoch)
                 if progress.step >= self.total_steps:
                     break
-        if progress.epoch_micro_batches >= len(self.train_loader):
-            self._end_epoch(epoch)
 
     # -- one step ---------------------------------------------------------------------------------------------------
 
@@ -762,9 +765,13 @@ class TrainingLoop:
 
     # -- after a step, after an epoch -------------------------------------------------------------------------------
 
-    def _after_step(self) -> None:
-        improved = self._due_every_steps("eval") and self._validate()
-        if improved or self._due_every_steps("save"):
+    def _validate_and_save(self, applied: bool, end_of_epoch: bool) -> None:
+        """Validates and checkpoints when the strategies say so (after the epoch's bookkeeping, so that a checkpoint
+        at the end of an epoch resumes at the start of the next)."""
+        due = {what: (applied and self._due_every_steps(what))
+               or (end_of_epoch and getattr(self.args, f"{what}_strategy") == "epoch") for what in ("eval", "save")}
+        improved = due["eval"] and self._validate()
+        if improved or due["save"]:
             self._save()
 
     def _due_every_steps(self, what: str) -> bool:
@@ -780,9 +787,6 @@ class TrainingLoop:
         logger.info(f"Epoch {epoch}: {steps} step(s), {corrupt} of {samples} training sample(s) skipped as corrupt",
                     main_process_only=True)
         self._check_usable_samples(epoch, samples, corrupt, steps)
-        improved = self.args.eval_strategy == "epoch" and self._validate()
-        if improved or self.args.save_strategy == "epoch":
-            self._save()
 
     def _check_usable_samples(self, epoch: int, samples: int, corrupt: int, steps: int) -> None:
         usable = samples - corrupt
@@ -803,8 +807,14 @@ class TrainingLoop:
                 f"decoded, below --min_usable_sample_fraction {minimum}: {advice}; lower the flag to train anyway.")
 
     def _save(self) -> None:
-        self.checkpoints.save(self.progress.step, protected_step=self.progress.best_step,
-                              metadata={"step": self.progress.step, "total_steps": self.total_steps})
+        """Checkpoints the current step; again if its state changed since it was saved (a validation after it)."""
+        step, state = self.progress.step, self.progress.state_dict()
+        if self._last_saved == (step, state):
+            return
+        replace = self._last_saved is not None and self._last_saved[0] == step
+        self.checkpoints.save(step, protected_step=self.progress.best_step, replace=replace,
+                              metadata={"step": step, "total_steps": self.total_steps})
+        self._last_saved = (step, copy.deepcopy(state))
 
     def _validate(self) -> bool:
         """Evaluates the validation split; returns whether it is the best so far."""
