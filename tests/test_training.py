@@ -171,6 +171,7 @@ def test_config_file_then_flags_override(tmp_path):
     (["--config", "{tmp}/missing.yaml"], r"missing\.yaml: no such file"),
     (["--eval_strategy", "sometimes"], r"--eval_strategy.*invalid choice: 'sometimes'"),
     (["--eval_strategy", "steps"], r"--eval_strategy steps needs --eval_steps > 0"),
+    (["--learning_rat", "1"], r"not used by the HfArgumentParser: \['--learning_rat', '1'\]"),  # no abbreviations
 ])
 def test_bad_options_exit_with_a_message_naming_them(tmp_path, capsys, argv, message):
     (tmp_path / "unknown.yaml").write_text("learning_rat: 1.0\n")
@@ -389,10 +390,18 @@ def test_nonfinite_loss_skips_the_step_then_stops_the_run(tmp_path, data_dir):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_retrieval_demo_learns_far_above_chance(tmp_path):
+@pytest.fixture(scope="module")
+def demo_data_dir(tmp_path_factory):
+    """The default job's synthetic dataset (160/40/40 videos, the default seed), generated once for both demos."""
+    root = tmp_path_factory.mktemp("demo") / "data"
+    generate_synthetic_dataset(root, num_train=160, num_val=40, num_test=40, seed=42)
+    return root
+
+
+def test_retrieval_demo_learns_far_above_chance(tmp_path, demo_data_dir):
     """The default job (tiny random CLIP, 160/40/40 synthetic videos), 3 of its 12 epochs, no validation."""
-    results = run(run_retrieval, tmp_path / "out", "--num_train_epochs", 3, "--eval_strategy", "no",
-                  "--save_strategy", "no")
+    results = run(run_retrieval, tmp_path / "out", "--data_dir", demo_data_dir, "--num_train_epochs", 3,
+                  "--eval_strategy", "no", "--save_strategy", "no")
     chance = 100 / 40  # R@1 of a random ranking of the 40 test videos, in percent
     assert results["test"]["t2v_R@1"] >= 3 * chance
     assert results["test"]["v2t_R@1"] >= 3 * chance
@@ -402,11 +411,11 @@ def test_retrieval_demo_learns_far_above_chance(tmp_path):
     assert "zero-shot-video-classification" in json.loads((tmp_path / "out" / "config.json").read_text())["custom_pipelines"]
 
 
-def test_classification_demo_learns_far_above_chance(tmp_path):
+def test_classification_demo_learns_far_above_chance(tmp_path, demo_data_dir):
     """The default job, 40 of its 60 epochs (about a minute on 2 idle cores; it runs in CI, which has the machine to
     itself): a random CLIP needs about 300 steps to leave its initial plateau on this task, so no shorter run shows
     it learning."""
-    results = run(run_classification, tmp_path / "out", "--num_train_epochs", 40, "--eval_strategy", "no",
-                  "--save_strategy", "no")
+    results = run(run_classification, tmp_path / "out", "--data_dir", demo_data_dir, "--num_train_epochs", 40,
+                  "--eval_strategy", "no", "--save_strategy", "no")
     chance = 100 / 4  # four motion directions
     assert results["test"]["top1"] >= 2 * chance

@@ -234,6 +234,7 @@ class ScriptCommandLine:
         parser = HfArgumentParser(
             self.argument_types, description=self.description, formatter_class=argparse.RawDescriptionHelpFormatter,
             usage="%(prog)s [--config FILE] [--OPTION VALUE ...]  (options below)",
+            allow_abbrev=False,  # a mistyped flag must fail, not silently set another one it abbreviates
             epilog="--config FILE: a YAML or JSON file of options (flag names without '--'); flags override it.\n"
                    f"The defaults shown are {which}.",
         )

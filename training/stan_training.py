@@ -611,10 +611,9 @@ class TrainingLoop:
         self._log_plan()
         self.bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
                         disable=not self.accelerator.is_local_main_process)
-        with logging_redirect_tqdm():  # log lines above the bar, not through it
+        with self.bar, logging_redirect_tqdm():  # log lines above the bar, not through it; closed on errors too
             while self.progress.step < self.total_steps:
                 self._train_epoch()
-        self.bar.close()
         if self.args.eval_strategy != "no" and self.progress.last_validated_step != self.progress.step:
             self._validate()
         self._save()
@@ -784,8 +783,9 @@ class TrainingLoop:
         corrupt = progress.corrupt_samples_per_epoch.get(epoch, 0)
         steps = progress.step - progress.step_at_epoch_start
         progress.epoch, progress.epoch_micro_batches, progress.step_at_epoch_start = epoch + 1, 0, progress.step
-        logger.info(f"Epoch {epoch}: {steps} step(s), {corrupt} of {samples} training sample(s) skipped as corrupt",
-                    main_process_only=True)
+        if corrupt:  # the bar shows the epochs; the counts of every epoch are in all_results.json
+            logger.info(f"Epoch {epoch}: {corrupt} of {samples} training sample(s) skipped as corrupt",
+                        main_process_only=True)
         self._check_usable_samples(epoch, samples, corrupt, steps)
 
     def _check_usable_samples(self, epoch: int, samples: int, corrupt: int, steps: int) -> None:
