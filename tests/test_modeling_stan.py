@@ -44,7 +44,6 @@ def random_text(config: StanConfig, batch_size=2, length=7, seed=0):
         ("stan_depth", -1, r"stan_depth must be an integer in \[0, 6\]"),
         ("temporal_module", "lstm", r"temporal_module must be one of \['attention', 'conv'\]"),
         ("num_frames", 65, r"num_frames must be an integer in \[1, max_frames=64\]"),
-        ("conv_reduction", 7, r"conv_reduction must be a positive divisor of the vision width 64"),
         ("alignment", "max", r"alignment must be one of \['mean', 'mug'\]"),
         ("mug_variant", "huge", r"mug_variant must be one of"),
         ("loss_reduction", "max", r"loss_reduction must be one of"),
