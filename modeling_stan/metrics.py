@@ -4,8 +4,7 @@ Plain functions. Every array argument may be a `numpy.ndarray` or a `torch.Tenso
 score transforms return the same kind they were given (tensors on their own device).
 Internally everything runs in torch (no copy for numpy input). Score transforms (DSL,
 QB-Norm, view averaging) compute and return float64: their sharp softmaxes (lam = 100)
-underflow to exact zeros in float32, and the resulting ties would be counted in the
-ground truth's favour.
+underflow to exact zeros in float32, which would turn distinct scores into ties.
 
 Ties (STAN.md, section 4): with h candidates scoring strictly higher than the ground
 truth and t others scoring exactly the same, the ground truth's position is taken as

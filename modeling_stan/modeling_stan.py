@@ -213,7 +213,8 @@ class StanTemporalConv(nn.Module):
     """STAN-conv temporal module, as the authors define it (`CLIPLayer_ConvTime`, mode "origin", farewellthree/STAN
     commit 38de624): a full-width 3x3x3 convolution over (time, rows, cols) of the patch tokens, DropPath, then a
     zero-initialised D x D `temporal_fc` and the residual. No activation; the module is the identity at
-    initialisation."""
+    initialisation. (The paper's text describes a D/8 bottleneck with a (3, 1, 1) kernel instead; the paper's FLOPs
+    tables match this module, see BENCHMARKS.md.)"""
 
     def __init__(self, config: StanConfig, drop_path_rate: float):
         super().__init__()
