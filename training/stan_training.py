@@ -579,10 +579,11 @@ def all_gather_with_grad(tensor: torch.Tensor, local_gradient: bool = False) -> 
     Gradient scale: every process computes the same loss over the gathered rows, and the backward hands each
     process the *sum* over processes of the gradients of its own rows, i.e. W times the gradient of that loss; DDP's
     averaging over the W processes then yields exactly the gradient of one process training on the whole global
-    batch. The authors' `GatherLayer` instead keeps only the local slice of the gradient, so their gradient is 1/W
-    of this one (W processes); with `local_gradient=True` this function does the same. The difference matters for
-    gradient clipping (AdamW itself is almost scale-free): the authors' `max_grad_norm` on W processes corresponds to
-    W x that norm here.
+    batch. The authors' `GatherLayer` instead keeps only the local slice of the gradient, so their gradient of every
+    weight before the gather is 1/W of this one (W processes; weights applied after it, like a learnable logit
+    scale, get the same gradient either way); with `local_gradient=True` this function does the same. The
+    difference matters for gradient clipping (AdamW itself is almost scale-free): the authors' `max_grad_norm` on W
+    processes corresponds to W x that norm here.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
