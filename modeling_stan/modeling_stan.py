@@ -135,6 +135,10 @@ class StanVideoClassifierOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class NonFiniteInputError(ValueError):
+    """The model's input holds NaN or infinite values."""
+
+
 def l2_normalize(embeds: torch.Tensor) -> torch.Tensor:
     return F.normalize(embeds, dim=-1, eps=1e-8)
 
@@ -397,6 +401,12 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
         if pixel_values is None or pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"pixel_values must have shape (batch, frames, 3, height, width), got {shape}.")
+        # Skipped while tracing or exporting, where a data-dependent branch cannot be captured.
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not torch.isfinite(pixel_values).all():
+            raise NonFiniteInputError(
+                "pixel_values contain NaN or infinite values: the embeddings and scores would be NaN. Check the "
+                "frames given to the processor."
+            )
         num_frames = pixel_values.shape[1]
         if not 1 <= num_frames <= self.config.max_frames:
             raise ValueError(
