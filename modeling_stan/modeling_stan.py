@@ -401,8 +401,10 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
         if pixel_values is None or pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"pixel_values must have shape (batch, frames, 3, height, width), got {shape}.")
-        # Skipped while tracing or exporting, where a data-dependent branch cannot be captured.
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not torch.isfinite(pixel_values).all():
+        # Skipped while tracing or exporting, where a data-dependent branch cannot be captured, and on the meta
+        # device (FLOP counting), where there are no values.
+        checkable = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or pixel_values.is_meta)
+        if checkable and not torch.isfinite(pixel_values).all():
             raise NonFiniteInputError(
                 "pixel_values contain NaN or infinite values: the embeddings and scores would be NaN. Check the "
                 "frames given to the processor."
