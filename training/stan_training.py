@@ -638,7 +638,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, t
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(tensor: torch.Tensor, local_gradient: bool = False) -> torch.Tensor:
     """Concatenates `tensor` from every process along dim 0, differentiably; the input itself on one process.
 
     Processes may hold different numbers of rows (a batch that lost a corrupt sample); all other dims must agree
@@ -647,7 +647,11 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     Gradient scale: every process computes the same loss over the gathered rows, and the backward hands each
     process the *sum* over processes of the gradients of its own rows, i.e. W times the gradient of that loss; DDP's
     averaging over the W processes then yields exactly the gradient of one process training on the whole global
-    batch.
+    batch. The authors' `GatherLayer` instead keeps only the local slice of the gradient, so their gradient of every
+    weight before the gather is 1/W of this one (W processes; weights applied after it, like a learnable logit
+    scale, get the same gradient either way); with `local_gradient=True` this function does the same. The
+    difference matters for gradient clipping (AdamW itself is almost scale-free): the authors' `max_grad_norm` on W
+    processes corresponds to W x that norm here.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
@@ -656,28 +660,29 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_gather(shapes, shape)
     if any(not torch.equal(other[1:], shape[1:]) for other in shapes):
         raise ValueError(f"all_gather_with_grad: the processes' tensors differ beyond dim 0: {[s.tolist() for s in shapes]}.")
-    return _AllGatherRows.apply(tensor, [int(other[0]) for other in shapes])
+    return _AllGatherRows.apply(tensor, [int(other[0]) for other in shapes], local_gradient)
 
 
 class _AllGatherRows(torch.autograd.Function):
     """Forward: the rows of every process, concatenated in rank order. Backward: the gradient of the whole result,
-    summed over processes, sliced to this process's rows."""
+    summed over processes (not summed with `local_gradient`, as the authors do), sliced to this process's rows."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, rows: list[int], local_gradient: bool) -> torch.Tensor:
         # all_gather needs equal shapes: pad to the largest row count, cut the padding off afterwards.
         padded = F.pad(tensor, [0, 0] * (tensor.ndim - 1) + [0, max(rows) - tensor.shape[0]]).contiguous()
         parts = [torch.empty_like(padded) for _ in rows]
         dist.all_gather(parts, padded)
         rank = dist.get_rank()
-        ctx.start, ctx.count = sum(rows[:rank]), rows[rank]
+        ctx.start, ctx.count, ctx.local_gradient = sum(rows[:rank]), rows[rank], local_gradient
         return torch.cat([part[:count] for part, count in zip(parts, rows)])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad = grad_output.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.start : ctx.start + ctx.count], None
+        if not ctx.local_gradient:
+            dist.all_reduce(grad)
+        return grad[ctx.start : ctx.start + ctx.count], None, None
 
 
 class RowOutputs:
