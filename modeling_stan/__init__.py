@@ -10,6 +10,7 @@ from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
 from .configuration_stan import StanConfig
 from .modeling_stan import (
+    NonFiniteInputError,
     StanForVideoClassification,
     StanForVideoTextRetrieval,
     StanModel,
@@ -29,7 +30,14 @@ from .metrics import (
 from .mug_alignment import mug_similarity
 from .pipeline_zero_shot_video_classification import ZeroShotVideoClassificationPipeline, register_pipelines
 from .processing_stan import StanProcessor
-from .video_io import VideoDecodeError, VideoMetadata, decode_video, sample_frame_indices
+from .video_io import (
+    InvalidFramesError,
+    NotAVideoError,
+    VideoDecodeError,
+    VideoMetadata,
+    decode_video,
+    sample_frame_indices,
+)
 from .video_processing_stan import StanVideoProcessor
 
 
@@ -49,9 +57,12 @@ __all__ = [
     "StanForVideoTextRetrieval",
     "StanForVideoClassification",
     "video_text_contrastive_loss",
+    "NonFiniteInputError",
     "StanVideoProcessor",
     "StanProcessor",
     "VideoDecodeError",
+    "NotAVideoError",
+    "InvalidFramesError",
     "VideoMetadata",
     "decode_video",
     "sample_frame_indices",

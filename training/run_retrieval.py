@@ -34,6 +34,9 @@ class RetrievalArguments:
     mug_lambda: float = field(default=100.0, metadata={"help": "Mug alignment: inverse temperature of its token/frame softmax."})
     loss_reduction: Literal["sum", "mean"] = field(default="sum", metadata={"help": "'sum' (authors) or 'mean' (CLIP) of the 2 directions."})
     freeze_text_tower: bool = field(default=False, metadata={"help": "Train the video tower only."})
+    gather_gradient: Literal["global", "local"] = field(default="global", metadata={
+        "help": "'global': the gradient of the whole global batch, as one process would compute it; 'local': the "
+                "authors' (their all-gather keeps only each process's slice: 1/W of it on W processes)."})
     max_text_length: int = field(default=32, metadata={"help": "Caption tokens (padded or truncated to this)."})
     train_video_ids_file: str | None = field(default=None, metadata={"help": "msrvtt/msvd: ids of the training videos."})
     validation_video_ids_file: str | None = field(
@@ -46,6 +49,10 @@ class RetrievalArguments:
     qb_norm_bank_size: int | None = field(
         default=None, metadata={"help": "Training captions in the QB-Norm querybank. Unset: all of them."}
     )
+
+    def __post_init__(self):
+        if self.gather_gradient not in ("global", "local"):
+            raise ValueError(f"--gather_gradient must be 'global' or 'local', got {self.gather_gradient!r}.")
 
 
 # The authors' MSR-VTT recipe (configs/exp/stan/stan_msrvtt_b32_hf.py) for pre-trained CLIP checkpoints.
@@ -84,7 +91,8 @@ COMMAND_LINE = ScriptCommandLine(
 if __name__ == "__main__":
     COMMAND_LINE.parse()  # exits here on --help or a bad flag
 
-from pathlib import Path  # noqa: E402 (after the command line, see above)
+import functools  # noqa: E402 (after the command line, see above)
+from pathlib import Path  # noqa: E402
 
 import datasets
 import torch
@@ -181,14 +189,15 @@ class RetrievalTask:
                         pixel_values=batch["pixel_values"], return_loss=False)
         model = self.accelerator.unwrap_model(model)
         # The scores and the loss are computed in float32 whatever the mixed precision of the towers.
+        gather = functools.partial(all_gather_with_grad, local_gradient=self.args.gather_gradient == "local")
         gathered = {
-            "text_embeds": all_gather_with_grad(outputs.text_embeds.float()),
-            "video_embeds": all_gather_with_grad(outputs.video_embeds.float()),
+            "text_embeds": gather(outputs.text_embeds.float()),
+            "video_embeds": gather(outputs.video_embeds.float()),
         }
         if model.config.alignment == "mug":
-            gathered["token_embeds"] = all_gather_with_grad(outputs.token_embeds.float())
-            gathered["text_attention_mask"] = all_gather_with_grad(batch["attention_mask"])
-            gathered["frame_embeds"] = all_gather_with_grad(outputs.frame_embeds.float())
+            gathered["token_embeds"] = gather(outputs.token_embeds.float())
+            gathered["text_attention_mask"] = gather(batch["attention_mask"])
+            gathered["frame_embeds"] = gather(outputs.frame_embeds.float())
         logits_per_text = model.similarity(**gathered) * model.logit_scale_value()
         return video_text_contrastive_loss(logits_per_text, model.config.loss_reduction)
 
@@ -211,7 +220,7 @@ class RetrievalTask:
         dsl = text_to_video_and_video_to_text(dual_softmax(similarity, lam, axis=0), text_to_video,
                                               sim_v2t=dual_softmax(similarity, lam, axis=1))
         metrics.update({f"dsl_{name}": value for name, value in dsl.items()})
-        if split == "test":
+        if split == "test" and "train" in self.splits:
             # Encoding the querybank (all training captions) is too costly to repeat at every validation.
             metrics.update(self._querybank_normalized_metrics(model, similarity, text_to_video, videos))
         metrics["corrupt_videos"] = float(len(set(video_index)) - len(position))
@@ -287,6 +296,11 @@ class RetrievalScript(TrainingScript):
 
     def load_splits(self, data_args: DataArguments, task_args: RetrievalArguments, seed: int) -> dict:
         splits = {split: load_split(data_args, task_args, split) for split in ("train", "validation", "test")}
+        if not self.do_train:
+            # Evaluation only: the test split, and validation and train (the QB-Norm querybank) if given.
+            if splits["test"] is None:
+                raise ValueError("--do_train false evaluates the test split: pass --test_file or --annotation_file.")
+            return {split: rows for split, rows in splits.items() if rows is not None}
         if splits["train"] is None:
             raise ValueError("No training annotations: pass --train_file or --annotation_file.")
         if splits["validation"] is None:

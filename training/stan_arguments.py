@@ -28,8 +28,9 @@ HIDDEN = argparse.SUPPRESS
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "CLIP checkpoint (Hub id or folder) to build STAN around. Unset: a tiny random CLIP built "
-                          "offline into OUTPUT_DIR/tiny_clip, with the demo defaults (synthetic demo and tests)."},
+        metadata={"help": "CLIP checkpoint (Hub id or folder) to build STAN around, or a STAN checkpoint (post-pretrained, "
+                          "converted or fine-tuned) to start from, whose STAN fields are then used. Unset: a tiny random "
+                          "CLIP built offline into OUTPUT_DIR/tiny_clip, with the demo defaults (synthetic demo and tests)."},
     )
     stan_depth: int = field(default=4, metadata={"help": "STAN layers K (0: the plain CLIP mean-pooling baseline)."})
     temporal_module: Literal["attention", "conv"] = field(
@@ -107,6 +108,10 @@ RESUME_HELP = (
 @dataclass
 class TrainingArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints and the final model go."})
+    do_train: bool = field(
+        default=True,
+        metadata={"help": "False: only evaluate the model as given (e.g. zero-shot) on the validation and test splits."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete the checkpoints of an earlier run in OUTPUT_DIR and start afresh."}
     )
@@ -268,14 +273,31 @@ def _show(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict:
-    """The options of a config file, converted and checked as the same flags on the command line would be."""
+def explicit_options(argv: Sequence[str] | None = None) -> set[str]:
+    """Names of the options the user set, on the command line or in its `--config` file (not the defaults)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # HfArgumentParser also accepts --do-train for --do_train.
+    names = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config")
+    config = config_parser.parse_known_args(argv)[0].config
+    return names | set(_read_config_file(config)) if config else names
+
+
+def _read_config_file(path: str) -> dict:
+    """The mapping of option names to values in a YAML or JSON config file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path}: no such file.")
     with open(path, encoding="utf-8") as file:
         values = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values, got {type(values).__name__}.")
+    return values
+
+
+def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The options of a config file, converted and checked as the same flags on the command line would be."""
+    values = _read_config_file(path)
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     unknown = sorted(set(values) - set(actions))
     if unknown:

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoTokenizer, get_scheduler
 
-from modeling_stan import StanModel
+from modeling_stan import StanConfig, StanModel
 from modeling_stan.model_card import write_training_model_card
 from modeling_stan.pipeline_zero_shot_video_classification import save_for_hub
 from modeling_stan.processing_stan import StanProcessor
@@ -44,7 +44,14 @@ from modeling_stan.synthetic_videos import generate_synthetic_dataset
 from modeling_stan.testing_utils import save_tiny_clip
 from modeling_stan.video_datasets import SkipCorruptCollator, make_decode_transform
 from modeling_stan.video_processing_stan import StanVideoProcessor
-from stan_arguments import DataArguments, ModelArguments, ScriptCommandLine, TrainingArguments, arguments_dict
+from stan_arguments import (
+    DataArguments,
+    ModelArguments,
+    ScriptCommandLine,
+    TrainingArguments,
+    arguments_dict,
+    explicit_options,
+)
 from stan_checkpointing import CheckpointManager, RerunError, Resumption, choose_checkpoint
 
 
@@ -167,18 +174,64 @@ def make_processor(model: nn.Module, model_path: str, num_frames: int) -> StanPr
     return StanProcessor(video_processor=video_processor, tokenizer=AutoTokenizer.from_pretrained(model_path))
 
 
-def load_stan_model(model_class: type, model_path: str, model_args: ModelArguments, seed: int, **config_fields):
-    """`model_class.from_clip_pretrained(model_path, ...)` with the model arguments' and `config_fields`' fields.
+def is_stan_checkpoint(model_path: str) -> bool:
+    """Whether `model_path` (a folder or Hub id) holds a STAN model rather than a CLIP checkpoint."""
+    return StanConfig.get_config_dict(model_path)[0].get("model_type") == StanConfig.model_type
 
-    Seeded right before, so that the new STAN weights are the same in every run and on every process whatever ran
+
+def load_stan_model(model_class: type, model_path: str, model_args: ModelArguments, seed: int,
+                    given: set[str] = frozenset(), options: set[str] = frozenset(), **config_fields):
+    """The model to train or evaluate, with the model arguments' and `config_fields`' `StanConfig` fields.
+
+    From a CLIP checkpoint: `model_class.from_clip_pretrained`. From a STAN checkpoint: its weights and STAN fields;
+    a field the user set (`given`, among the script's `options`) to another value than the checkpoint's is an
+    error, options only defaulted take the checkpoint's value, and `num_frames` plus the fields that come from the
+    data (labels) are applied.
+
+    Seeded right before, so that the new weights are the same in every run and on every process whatever ran
     before (building the default model or data draws random numbers on the main process only).
     """
     set_seed(seed)
-    model = model_class.from_clip_pretrained(model_path, **model_args.stan_config_fields(), **config_fields)
+    fields = {**model_args.stan_config_fields(), **config_fields}
+    if is_stan_checkpoint(model_path):
+        overrides = _fields_over_checkpoint(model_path, fields, given, options, model_class)
+        class_names = overrides.pop("class_names", None)
+        if class_names is not None:
+            # The labels of the data replace the checkpoint's; a head of another size starts afresh.
+            overrides.update(id2label=dict(enumerate(class_names)), ignore_mismatched_sizes=True)
+        model = model_class.from_pretrained(model_path, **overrides)
+    else:
+        model = model_class.from_clip_pretrained(model_path, **fields)
     if model_args.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with frozen inputs.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _fields_over_checkpoint(model_path: str, fields: dict, given: set[str], options: set[str],
+                            model_class: type) -> dict:
+    """The fields to set on a STAN checkpoint's config; raises on a flag that contradicts the checkpoint.
+
+    `options` are the script's option names, `given` those the user set. Options left at their defaults yield to the
+    checkpoint; `num_frames` (frames per clip may differ from training), fields from the data (labels) and, on a
+    checkpoint of another task (a dual encoder fine-tuned into a classifier), the head's fields apply.
+    """
+    checkpoint = StanConfig.from_pretrained(model_path).to_dict()
+    free = {"num_frames"}
+    if model_class.__name__ not in (checkpoint.get("architectures") or []):
+        free |= set(_HEAD_FIELDS)
+    conflicts = [f"--{name} {value!r} (the checkpoint has {checkpoint[name]!r})" for name, value in fields.items()
+                 if name in given and name not in free and name in checkpoint and checkpoint[name] != value]
+    if conflicts:
+        raise ValueError(f"--model_name_or_path {model_path} is a STAN checkpoint whose fields these flags contradict: "
+                         f"{'; '.join(conflicts)}. Drop them to use the checkpoint's values, or start from a CLIP "
+                         "checkpoint to build a different STAN.")
+    return {name: value for name, value in fields.items()
+            if name not in options or name in free and (name == "num_frames" or name in given)}
+
+
+# StanConfig fields of a task head rather than of the shared towers.
+_HEAD_FIELDS = ("classifier_type",)
 
 
 def model_source(accelerator: Accelerator, model_args: ModelArguments, output_dir: Path, seed: int) -> str:
@@ -392,7 +445,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, t
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(tensor: torch.Tensor, local_gradient: bool = False) -> torch.Tensor:
     """Concatenates `tensor` from every process along dim 0, differentiably; the input itself on one process.
 
     Processes may hold different numbers of rows (a batch that lost a corrupt sample); all other dims must agree
@@ -401,7 +454,11 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     Gradient scale: every process computes the same loss over the gathered rows, and the backward hands each
     process the *sum* over processes of the gradients of its own rows, i.e. W times the gradient of that loss; DDP's
     averaging over the W processes then yields exactly the gradient of one process training on the whole global
-    batch.
+    batch. The authors' `GatherLayer` instead keeps only the local slice of the gradient, so their gradient of every
+    weight before the gather is 1/W of this one (W processes; weights applied after it, like a learnable logit
+    scale, get the same gradient either way); with `local_gradient=True` this function does the same. The
+    difference matters for gradient clipping (AdamW itself is almost scale-free): the authors' `max_grad_norm` on W
+    processes corresponds to W x that norm here.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
@@ -410,28 +467,29 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_gather(shapes, shape)
     if any(not torch.equal(other[1:], shape[1:]) for other in shapes):
         raise ValueError(f"all_gather_with_grad: the processes' tensors differ beyond dim 0: {[s.tolist() for s in shapes]}.")
-    return _AllGatherRows.apply(tensor, [int(other[0]) for other in shapes])
+    return _AllGatherRows.apply(tensor, [int(other[0]) for other in shapes], local_gradient)
 
 
 class _AllGatherRows(torch.autograd.Function):
     """Forward: the rows of every process, concatenated in rank order. Backward: the gradient of the whole result,
-    summed over processes, sliced to this process's rows."""
+    summed over processes (not summed with `local_gradient`, as the authors do), sliced to this process's rows."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, rows: list[int], local_gradient: bool) -> torch.Tensor:
         # all_gather needs equal shapes: pad to the largest row count, cut the padding off afterwards.
         padded = F.pad(tensor, [0, 0] * (tensor.ndim - 1) + [0, max(rows) - tensor.shape[0]]).contiguous()
         parts = [torch.empty_like(padded) for _ in rows]
         dist.all_gather(parts, padded)
         rank = dist.get_rank()
-        ctx.start, ctx.count = sum(rows[:rank]), rows[rank]
+        ctx.start, ctx.count, ctx.local_gradient = sum(rows[:rank]), rows[rank], local_gradient
         return torch.cat([part[:count] for part, count in zip(parts, rows)])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad = grad_output.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.start : ctx.start + ctx.count], None
+        if not ctx.local_gradient:
+            dist.all_reduce(grad)
+        return grad[ctx.start : ctx.start + ctx.count], None, None
 
 
 class RowOutputs:
@@ -648,15 +706,20 @@ class TrainingLoop:
             main_process_only=True,
         )
 
+    def _epoch_batches(self, epoch: int, done: int) -> Iterable[dict]:
+        """The micro-batches of `epoch` after its first `done` ones, as `TrainingCollator` returns them."""
+        self.train_sampler.set_epoch(epoch)
+        loader = self.train_loader
+        if done:
+            loader = self.accelerator.skip_first_batches(loader, done)
+        # Accelerate re-applies its own epoch counter to the sampler when iteration starts: keep both equal.
+        loader.set_epoch(epoch)
+        return loader
+
     def _train_epoch(self) -> None:
         progress = self.progress
         epoch = progress.epoch
-        self.train_sampler.set_epoch(epoch)
-        loader = self.train_loader
-        if progress.epoch_micro_batches:
-            loader = self.accelerator.skip_first_batches(loader, progress.epoch_micro_batches)
-        # Accelerate re-applies its own epoch counter to the sampler when iteration starts: keep both equal.
-        loader.set_epoch(epoch)
+        loader = self._epoch_batches(epoch, progress.epoch_micro_batches)
         self.model.train()
         window = _Window()
         for micro_batch in loader:
@@ -863,6 +926,7 @@ class TrainingScript:
     card_task: str  # the model card's task
     summary_metrics: tuple[str, ...]  # the test metrics of the end-of-run summary
     next_command: str  # what to run on the trained model; "{output_dir}" is filled in
+    do_train: bool = True  # --do_train, set by `main` (False: the splits of an evaluation only)
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
         """Points `data_args` at the synthetic dataset generated in `root`."""
@@ -897,14 +961,20 @@ class TrainingScript:
         model_args, data_args, task_args, training_args = arguments
         accelerator = setup_run(training_args)
         output_dir = Path(training_args.output_dir)
-        checkpoints, resumption = checkpoints_and_resumption(accelerator, training_args,
-                                                             run_defining_arguments(*arguments))
+        if training_args.do_train:  # decided first, so that a refused re-run stops at once
+            checkpoints, resumption = checkpoints_and_resumption(accelerator, training_args,
+                                                                 run_defining_arguments(*arguments))
         model_path = model_source(accelerator, model_args, output_dir, training_args.seed)
+        self.do_train = training_args.do_train
         dataset_name, splits = self._splits(accelerator, data_args, task_args, training_args)
+        options = {name for kind in self.command_line.argument_types for name in kind.__dataclass_fields__}
         model = load_stan_model(self.model_class, model_path, model_args, training_args.seed,
-                                num_frames=data_args.num_frames, **self.model_config_fields(task_args, splits))
+                                given=explicit_options(argv), options=options, num_frames=data_args.num_frames,
+                                **self.model_config_fields(task_args, splits))
         self.prepare_model(model, task_args)
         processor = make_processor(model, model_path, data_args.num_frames)
+        if not training_args.do_train:
+            return self.evaluate_only(accelerator, model, processor, splits, data_args, task_args, training_args)
         loop = self._training_loop(accelerator, model, processor, splits, data_args, task_args, training_args,
                                    checkpoints)
         accelerator.init_trackers(f"stan-{self.card_task}", config=_tracker_config(arguments_dict(*arguments)))
@@ -914,7 +984,7 @@ class TrainingScript:
         results = {
             "validation": next((m for m in progress.validation_history if m["step"] == best_step), {}),
             "test": loop.task.evaluate(loop.model, "test"),
-            "train": training_summary(loop, best_step, time.time() - started),
+            "train": self.training_summary(loop, best_step, time.time() - started),
         }
         card = {"task": self.card_task, "base_model": model_args.model_name_or_path or "tiny random CLIP",
                 "dataset_name": dataset_name, "training_args": arguments_dict(*arguments)}
@@ -933,6 +1003,31 @@ class TrainingScript:
         except (TrainingRunError, RerunError) as error:
             logger.error(f"{type(error).__name__}: {error}")
             sys.exit(1)
+
+    def evaluate_only(self, accelerator: Accelerator, model: nn.Module, processor, splits: dict,
+                      data_args: DataArguments, task_args, training_args: TrainingArguments) -> dict:
+        """`--do_train false`: the metrics of the model as given on the evaluation splits there are, written to
+        OUTPUT_DIR/all_results.json (the model itself is not saved again)."""
+        video_options = data_args.video_options(processor.video_processor)
+        present = [split for split in EVAL_SPLITS if split in splits]
+        loaders = [self.evaluation_dataloader(splits[split], video_options, task_args, data_args, training_args)
+                   for split in present]
+        model, *loaders = accelerator.prepare(model, *loaders)
+        task = self.make_task(accelerator, task_args, training_args, splits, dict(zip(present, loaders)), processor)
+        results = {split: task.evaluate(model, split) for split in present}
+        logger.info(f"Evaluation without training: {results}", main_process_only=True)
+        if accelerator.is_main_process:
+            output_dir = Path(training_args.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            with open(output_dir / "all_results.json", "w", encoding="utf-8") as file:
+                json.dump(results, file, indent=2)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return results
+
+    def training_summary(self, loop: TrainingLoop, best_step: int, runtime: float) -> dict:
+        """The "train" entry of `all_results.json`."""
+        return training_summary(loop, best_step, runtime)
 
     def _splits(self, accelerator: Accelerator, data_args: DataArguments, task_args,
                 training_args: TrainingArguments) -> tuple[str, dict[str, datasets.Dataset]]:
