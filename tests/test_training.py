@@ -349,7 +349,13 @@ def test_running_the_same_command_again_re_exports_a_finished_run(tmp_path, data
     # Step 2 is checkpointed (--save_steps 2), then validated (the end of training): the checkpoint is rewritten
     # with the validation, which the second run must find.
     command = [*SMALL, "--data_dir", data_dir, "--max_steps", 2, "--save_strategy", "steps", "--save_steps", 2]
-    first = run(run_retrieval, output, *command)
+    with caplog.at_level("INFO"):
+        first = run(run_retrieval, output, *command)
+    # The demo's values, as --help shows them (tests/test_training_cli.py), flags applied.
+    settings = re.search(r"Demo settings \(no --model_name_or_path\): (.*)", caplog.text).group(1).split()
+    assert {"stan_depth=1", "num_frames=8", "fixed_logit_scale=unset", "learning_rate=0.001",
+            "per_device_train_batch_size=8"} <= set(settings)
+    caplog.clear()
     with caplog.at_level("INFO"):
         second = run(run_retrieval, output, *command)
     assert "already finished training (step 2 of 2) with these arguments" in caplog.text

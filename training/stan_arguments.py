@@ -228,6 +228,14 @@ class ScriptCommandLine:
         except ValueError as error:  # a dataclass's own check (__post_init__)
             parser.error(str(error))
 
+    def settings_line(self, arguments: tuple) -> str:
+        """One line naming the set of defaults the run uses and the values it uses for that set's options."""
+        used = arguments_dict(*arguments)
+        is_demo = used["model_name_or_path"] is None
+        names = self.defaults(is_demo)
+        which = "Demo settings (no --model_name_or_path)" if is_demo else "Recipe settings"
+        return f"{which}: " + " ".join(f"{name}={_show(used[name])}" for name in names if name in used)
+
     def defaults(self, is_demo: bool) -> dict:
         return {**self.recipe_defaults, **(self.demo_defaults if is_demo else {})}
 

@@ -960,6 +960,7 @@ class TrainingScript:
         arguments = self.command_line.parse(argv)
         model_args, data_args, task_args, training_args = arguments
         accelerator = setup_run(training_args)
+        logger.info(self.command_line.settings_line(arguments), main_process_only=True)
         output_dir = Path(training_args.output_dir)
         if training_args.do_train:  # decided first, so that a refused re-run stops at once
             checkpoints, resumption = checkpoints_and_resumption(accelerator, training_args,
