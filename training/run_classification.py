@@ -18,8 +18,11 @@ from pathlib import Path
 
 import datasets
 import torch
+import torch.nn.functional as F
 
 from modeling_stan import StanForVideoClassification
+from modeling_stan.configuration_stan import CLASSIFIER_TYPES
+from modeling_stan.vifi_prompts import TRAINABLE_PARTS, set_trainable_parts
 from modeling_stan.metrics import aggregate_views, topk_accuracy
 from modeling_stan.video_datasets import (
     load_hmdb51,
@@ -27,6 +30,7 @@ from modeling_stan.video_datasets import (
     load_something_something_v2,
     load_ucf101,
     load_video_folder,
+    load_vifi_split,
 )
 from stan_training import (
     DataArguments,
@@ -37,23 +41,65 @@ from stan_training import (
     collate_clips,
     evaluation_dataloader,
 )
+from vifi_protocols import base_to_novel_summary, few_shot_subset, summarize_splits
 
 
 @dataclass
 class ClassificationArguments:
     classifier_type: str = field(
-        default="text", metadata={"help": "'text' (class-name text embeddings, the authors') or 'linear'."}
+        default="frozen_class_embeddings",
+        metadata={"help": f"Recognition head, one of {list(CLASSIFIER_TYPES)}: see StanConfig.classifier_type. "
+                          "'frozen_class_embeddings' is the STAN authors' (fixed scale 100), 'text_encoder' ViFi-CLIP's."},
     )
-    hypothesis_template: str = field(default="a video of {}.", metadata={"help": "Prompt of the text classifier."})
+    hypothesis_template: str = field(default="a video of {}.", metadata={"help": "Class prompt of the text heads."})
+    trainable_parts: str = field(
+        default="all", metadata={"help": f"What trains, one of {list(TRAINABLE_PARTS)} (ViFi-CLIP's variants)."}
+    )
+    vision_prompt_depth: int = field(default=0, metadata={"help": "ViFi-CLIP vision prompt depth (0: none)."})
+    vision_prompt_length: int = field(default=16, metadata={"help": "Vision prompt tokens per layer."})
+    text_prompt_depth: int = field(default=0, metadata={"help": "ViFi-CLIP text prompt depth (0: none)."})
+    text_prompt_length: int = field(default=16, metadata={"help": "Text prompt tokens per layer."})
+    text_prompt_init: str | None = field(default="a photo of a", metadata={"help": "Phrase initialising text prompts."})
+    num_shots: int | None = field(
+        default=None, metadata={"help": "Few-shot: train on exactly this many videos per class, drawn with --seed."}
+    )
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the cross-entropy loss."})
+    novel_test_file: str | None = field(
+        default=None, metadata={"help": "Base-to-novel: split file (ViFi-CLIP layout) of the novel classes' test videos."}
+    )
+    novel_labels_file: str | None = field(default=None, metadata={"help": "Base-to-novel: the novel classes' labels."})
+    zero_shot_test_files: list[str] = field(
+        default_factory=list, metadata={"help": "Zero-shot: split files (ViFi-CLIP layout) evaluated after training."}
+    )
+    zero_shot_labels_files: list[str] = field(
+        default_factory=list, metadata={"help": "Zero-shot: their labels files (one for all, or one per split)."}
+    )
+    zero_shot_video_dir: str | None = field(default=None, metadata={"help": "Zero-shot videos (default --video_dir)."})
     num_test_clips: int = field(default=1, metadata={"help": "Temporal views per video at evaluation."})
     num_test_crops: int = field(default=1, metadata={"help": "Spatial views per clip at evaluation: 1 or 3."})
-    labels_file: str | None = field(default=None, metadata={"help": "ssv2: something-something-v2-labels.json."})
+    labels_file: str | None = field(
+        default=None, metadata={"help": "ssv2: something-something-v2-labels.json; vifi: the labels CSV (id,name)."}
+    )
     split_dir: str | None = field(default=None, metadata={"help": "ucf101/hmdb51: the folder of split lists."})
     fold: int = field(default=1, metadata={"help": "ucf101/hmdb51: split fold 1, 2 or 3."})
 
     @property
     def num_views(self) -> int:
         return self.num_test_clips * self.num_test_crops
+
+    def model_config_fields(self) -> dict:
+        """The `StanConfig` fields these arguments set (StanConfig validates them)."""
+        names = ("classifier_type", "hypothesis_template", "vision_prompt_depth", "vision_prompt_length",
+                 "text_prompt_depth", "text_prompt_length", "text_prompt_init")
+        return {name: getattr(self, name) for name in names}
+
+    def zero_shot_splits(self) -> list[tuple[str, str]]:
+        """(split file, labels file) pairs of the zero-shot evaluation."""
+        files, labels = self.zero_shot_test_files, self.zero_shot_labels_files
+        if files and len(labels) not in (1, len(files)):
+            raise ValueError(f"--zero_shot_labels_files needs one file or one per split file ({len(files)}), "
+                             f"got {len(labels)}.")
+        return [(file, labels[0] if len(labels) == 1 else labels[index]) for index, file in enumerate(files)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,6 +117,11 @@ def load_split(data_args: DataArguments, args: ClassificationArguments, split: s
             return None
         loader = load_ucf101 if dataset == "ucf101" else load_hmdb51
         return loader(_required(args.split_dir, "--split_dir", dataset), video_dir, split=split, fold=args.fold)
+    if dataset == "vifi":
+        split_file = data_args.annotation_for(split)
+        if split_file is None:
+            return None
+        return load_vifi_split(split_file, _required(args.labels_file, "--labels_file", dataset), video_dir)
     if dataset == "folder":
         root = Path(video_dir) / split
         if split == "validation" and not root.is_dir():
@@ -114,12 +165,15 @@ def collate_labelled_clips(samples: list[dict]) -> dict:
 class ClassificationTask:
     """Cross-entropy training; top-1 / top-5 accuracy over the averaged softmax of each video's views."""
 
-    def __init__(self, accelerator, metric_for_best_model: str, num_views: int, eval_loaders: dict):
+    def __init__(self, accelerator, metric_for_best_model: str, num_views: int, eval_loaders: dict,
+                 label_smoothing: float = 0.0):
         self.accelerator, self.metric_for_best_model = accelerator, metric_for_best_model
         self.num_views, self.eval_loaders = num_views, eval_loaders
+        self.label_smoothing = label_smoothing
 
     def training_loss(self, model, batch: dict) -> torch.Tensor:
-        return model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"].to(logits.device), label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, model, split: str) -> dict[str, float]:
@@ -175,7 +229,7 @@ class ClassificationScript(TrainingScript):
         "save_steps": 100,
         "dataloader_num_workers": 1,
     }
-    dataset_formats = ("kinetics", "ssv2", "ucf101", "hmdb51", "folder")
+    dataset_formats = ("kinetics", "ssv2", "ucf101", "hmdb51", "vifi", "folder")
     model_class = StanForVideoClassification
     card_task = "video-classification"
 
@@ -190,6 +244,8 @@ class ClassificationScript(TrainingScript):
                                      for split in ("validation", "test")}}
         if splits["validation"] is None:
             splits["train"], splits["validation"] = hold_out(train, data_args, seed)
+        if task_args.num_shots is not None:
+            splits["train"] = few_shot_subset(splits["train"], task_args.num_shots, seed)
         for split in ("validation", "test"):
             if splits[split] is None or len(splits[split]) == 0 or min(splits[split]["label"]) < 0:
                 raise ValueError(f"The {split} split needs labelled videos (--{split}_file, or --video_dir/{split} "
@@ -197,8 +253,10 @@ class ClassificationScript(TrainingScript):
         return splits
 
     def model_config_fields(self, task_args: ClassificationArguments, splits: dict) -> dict:
-        return {"classifier_type": task_args.classifier_type, "hypothesis_template": task_args.hypothesis_template,
-                "class_names": splits["train"].features["label"].names}
+        return {**task_args.model_config_fields(), "class_names": splits["train"].features["label"].names}
+
+    def prepare_model(self, model, task_args: ClassificationArguments) -> None:
+        set_trainable_parts(model, task_args.trainable_parts)
 
     def training_collate(self, processor, task_args):
         return collate_labelled_clips
@@ -208,7 +266,45 @@ class ClassificationScript(TrainingScript):
         return evaluation_dataloader(rows, range(len(rows)), views, collate_labelled_clips, data_args, training_args)
 
     def make_task(self, accelerator, task_args, training_args, splits, eval_loaders, processor) -> ClassificationTask:
-        return ClassificationTask(accelerator, training_args.metric_for_best_model, task_args.num_views, eval_loaders)
+        return ClassificationTask(accelerator, training_args.metric_for_best_model, task_args.num_views, eval_loaders,
+                                  task_args.label_smoothing)
+
+    def extra_results(self, accelerator, loop, processor, results: dict, data_args: DataArguments,
+                      task_args: ClassificationArguments, training_args) -> dict:
+        """Evaluations on other class sets, through the text-encoder head: base-to-novel and zero-shot."""
+        extra = {}
+        evaluate = lambda rows, name: self._evaluate_class_set(accelerator, loop, processor, rows, name, data_args,
+                                                               task_args, training_args)
+        if task_args.novel_test_file is not None:
+            novel_rows = load_vifi_split(task_args.novel_test_file,
+                                         _required(task_args.novel_labels_file, "--novel_labels_file", "base-to-novel"),
+                                         data_args.video_dir)
+            extra["novel"] = evaluate(novel_rows, "novel")
+            extra["base_to_novel"] = base_to_novel_summary(results["test"], extra["novel"])
+        if task_args.zero_shot_test_files:
+            video_dir = task_args.zero_shot_video_dir or data_args.video_dir
+            per_split = {f"split{index + 1}": evaluate(load_vifi_split(split_file, labels_file, video_dir),
+                                                       f"zero_shot_split{index + 1}")
+                         for index, (split_file, labels_file) in enumerate(task_args.zero_shot_splits())}
+            extra["zero_shot"] = {**per_split, **summarize_splits(per_split)}
+        return extra
+
+    def _evaluate_class_set(self, accelerator, loop, processor, rows: datasets.Dataset, name: str,
+                            data_args: DataArguments, task_args: ClassificationArguments, training_args) -> dict:
+        """Metrics on `rows` with the head pointed at their class names; the model's own classes are restored."""
+        model = accelerator.unwrap_model(loop.model)
+        if model.text_model is None:
+            raise ValueError(f"Evaluating on other classes ({name}) needs --classifier_type text_encoder: only the "
+                             f"text-encoder head embeds new class names, not {model.config.classifier_type!r}.")
+        own_classes = model.class_names()
+        video_options = data_args.video_options(processor.video_processor)
+        loop.task.eval_loaders[name] = accelerator.prepare(
+            self.evaluation_dataloader(rows, video_options, task_args, data_args, training_args))
+        model.set_class_names(rows.features["label"].names, processor.tokenizer)
+        try:
+            return loop.task.evaluate(loop.model, name)
+        finally:
+            model.set_class_names(own_classes, processor.tokenizer)
 
 
 main = ClassificationScript().main

@@ -991,8 +991,9 @@ class TrainingScript:
         results = {
             "validation": next((m for m in progress.validation_history if m["step"] == best_step), {}),
             "test": loop.task.evaluate(loop.model, "test"),
-            "train": training_summary(loop, best_step, time.time() - started),
         }
+        results.update(self.extra_results(accelerator, loop, processor, results, data_args, task_args, training_args))
+        results["train"] = training_summary(loop, best_step, time.time() - started)
         logger.info(f"Test metrics: {results['test']}", main_process_only=True)
         card = {"task": self.card_task, "base_model": model_args.model_name_or_path or "tiny random CLIP",
                 "dataset_name": dataset_name, "training_args": arguments_dict(*arguments)}
@@ -1000,6 +1001,11 @@ class TrainingScript:
         _push_to_hub(accelerator, training_args, output_dir)
         accelerator.end_training()
         return results
+
+    def extra_results(self, accelerator: Accelerator, loop: TrainingLoop, processor, results: dict,
+                      data_args: DataArguments, task_args, training_args: TrainingArguments) -> dict:
+        """Results beyond validation and test (e.g. other class sets), merged into `all_results.json`."""
+        return {}
 
     def _splits(self, accelerator: Accelerator, data_args: DataArguments, task_args,
                 training_args: TrainingArguments) -> tuple[str, dict[str, datasets.Dataset]]:
