@@ -127,6 +127,9 @@ def test_base_to_novel_and_zero_shot_splits_with_prompts(tmp_path, vifi_data):
         "--novel_test_file", splits / "novel_test.txt", "--novel_labels_file", splits / "novel_labels.csv",
         "--zero_shot_test_files", *(splits / f"val{fold}.txt" for fold in (1, 2, 3)),
         "--zero_shot_labels_files", splits / "all_labels.csv",
+        # ViFi-CLIP's augmentations, all on
+        "--label_smoothing", 0.1, "--mixup", 0.8, "--cutmix", 1.0, "--color_jitter", 0.8, "--grayscale", 0.2,
+        "--multi_scale_crop", 1, 0.875, 0.75, 0.66, "--flip", 0.5,
     )
     saved = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert saved["train"]["steps"] == 2

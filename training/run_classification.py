@@ -41,11 +41,12 @@ from stan_training import (
     collate_clips,
     evaluation_dataloader,
 )
+from video_augmentation import AugmentationArguments, VideoAugmentation, soft_targets
 from vifi_protocols import base_to_novel_summary, few_shot_subset, summarize_splits
 
 
 @dataclass
-class ClassificationArguments:
+class ClassificationArguments(AugmentationArguments):
     classifier_type: str = field(
         default="frozen_class_embeddings",
         metadata={"help": f"Recognition head, one of {list(CLASSIFIER_TYPES)}: see StanConfig.classifier_type. "
@@ -166,14 +167,22 @@ class ClassificationTask:
     """Cross-entropy training; top-1 / top-5 accuracy over the averaged softmax of each video's views."""
 
     def __init__(self, accelerator, metric_for_best_model: str, num_views: int, eval_loaders: dict,
-                 label_smoothing: float = 0.0):
+                 augmentation: VideoAugmentation | None = None, label_smoothing: float = 0.0):
         self.accelerator, self.metric_for_best_model = accelerator, metric_for_best_model
         self.num_views, self.eval_loaders = num_views, eval_loaders
-        self.label_smoothing = label_smoothing
+        self.augmentation, self.label_smoothing = augmentation, label_smoothing
 
     def training_loss(self, model, batch: dict) -> torch.Tensor:
-        logits = model(pixel_values=batch["pixel_values"]).logits
-        return F.cross_entropy(logits.float(), batch["labels"].to(logits.device), label_smoothing=self.label_smoothing)
+        """Cross-entropy against label-smoothed targets, after the clip augmentations and mixup / cutmix."""
+        pixel_values = batch["pixel_values"]
+        num_classes = self.accelerator.unwrap_model(model).config.num_labels
+        targets = soft_targets(batch["labels"].to(pixel_values.device), num_classes, self.label_smoothing)
+        if self.augmentation is not None:
+            pixel_values = self.augmentation.clips(pixel_values)
+            if self.augmentation.args.blends:
+                pixel_values, targets = self.augmentation.blend(pixel_values, targets)
+        logits = model(pixel_values=pixel_values).logits
+        return F.cross_entropy(logits.float(), targets.to(logits.device))
 
     @torch.no_grad()
     def evaluate(self, model, split: str) -> dict[str, float]:
@@ -266,8 +275,10 @@ class ClassificationScript(TrainingScript):
         return evaluation_dataloader(rows, range(len(rows)), views, collate_labelled_clips, data_args, training_args)
 
     def make_task(self, accelerator, task_args, training_args, splits, eval_loaders, processor) -> ClassificationTask:
+        video_processor = processor.video_processor
+        augmentation = VideoAugmentation(task_args, video_processor.image_mean, video_processor.image_std)
         return ClassificationTask(accelerator, training_args.metric_for_best_model, task_args.num_views, eval_loaders,
-                                  task_args.label_smoothing)
+                                  augmentation, task_args.label_smoothing)
 
     def extra_results(self, accelerator, loop, processor, results: dict, data_args: DataArguments,
                       task_args: ClassificationArguments, training_args) -> dict:
