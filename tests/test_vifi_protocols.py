@@ -104,6 +104,15 @@ def _write_vifi_layout(data: Path, out: Path, base: list[str], novel: list[str])
         kept = [f"{video_id}.mp4 {names['all'].index(name)}" for i, (video_id, name) in enumerate(test_rows)
                 if i % 3 != fold - 1]
         (out / f"val{fold}.txt").write_text("\n".join(kept) + "\n")
+    # The same three splits in UCF101's official layout: ucfTrainTestlist/ and UCF-101/<class>/<video>.
+    (out / "ucfTrainTestlist").mkdir()
+    (out / "ucfTrainTestlist" / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(names["all"])))
+    for video_id, name in test_rows:
+        (out / "UCF-101" / name).mkdir(parents=True, exist_ok=True)
+        (out / "UCF-101" / name / f"{video_id}.mp4").symlink_to(data / "videos" / f"{video_id}.mp4")
+    for fold in (1, 2, 3):
+        kept = [f"{name}/{video_id}.mp4" for i, (video_id, name) in enumerate(test_rows) if i % 3 != fold - 1]
+        (out / "ucfTrainTestlist" / f"testlist0{fold}.txt").write_text("\n".join(kept) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +169,21 @@ def test_zero_shot_head_from_a_stan_checkpoint(tiny_clip_dir, tmp_path):
     with torch.no_grad():
         expected = dual.eval()(pixel_values=video, **prompts).logits_per_video
         torch.testing.assert_close(model(pixel_values=video).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_shot_over_the_three_official_ucf101_splits(tmp_path, vifi_data):
+    """Zero-shot recognition on the three test splits of a fixture in UCF101's official layout: per-split top-1,
+    their mean and standard deviation, with the class names through the text tower."""
+    splits, videos = vifi_data / "splits", vifi_data / "data" / "videos"
+    run(run_classification, tmp_path / "out", "--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 8,
+        "--max_steps", 1, "--eval_strategy", "no", "--save_strategy", "no", "--dataset", "vifi", "--video_dir", videos,
+        "--labels_file", splits / "base_labels.csv", "--train_file", splits / "base_train.txt",
+        "--validation_file", splits / "base_validation.txt", "--test_file", splits / "base_test.txt",
+        "--classifier_type", "text_encoder", "--zero_shot_dataset", "ucf101",
+        "--zero_shot_split_dir", splits / "ucfTrainTestlist", "--zero_shot_video_dir", splits / "UCF-101")
+    zero_shot = json.loads((tmp_path / "out" / "all_results.json").read_text())["zero_shot"]
+    per_split = [zero_shot[f"split{fold}"]["top1"] for fold in (1, 2, 3)]
+    assert all(value in {100 * k / 8 for k in range(9)} for value in per_split)
+    assert all(zero_shot[f"split{fold}"]["corrupt_videos"] == 0 for fold in (1, 2, 3))
+    assert zero_shot["top1_mean"] == pytest.approx(np.mean(per_split))
+    assert zero_shot["top1_std"] == pytest.approx(np.std(per_split))

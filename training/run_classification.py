@@ -69,6 +69,13 @@ class ClassificationArguments(AugmentationArguments):
         default=None, metadata={"help": "Base-to-novel: split file (ViFi-CLIP layout) of the novel classes' test videos."}
     )
     novel_labels_file: str | None = field(default=None, metadata={"help": "Base-to-novel: the novel classes' labels."})
+    zero_shot_dataset: str = field(
+        default="vifi", metadata={"help": "Zero-shot evaluation layout: 'vifi' (--zero_shot_test_files), or 'ucf101' / "
+                                          "'hmdb51' (their official split lists in --zero_shot_split_dir, folds 1-3)."}
+    )
+    zero_shot_split_dir: str | None = field(
+        default=None, metadata={"help": "Zero-shot on ucf101/hmdb51: ucfTrainTestlist/ or testTrainMulti_7030_splits/."}
+    )
     zero_shot_test_files: list[str] = field(
         default_factory=list, metadata={"help": "Zero-shot: split files (ViFi-CLIP layout) evaluated after training."}
     )
@@ -94,13 +101,21 @@ class ClassificationArguments(AugmentationArguments):
                  "text_prompt_depth", "text_prompt_length", "text_prompt_init")
         return {name: getattr(self, name) for name in names}
 
-    def zero_shot_splits(self) -> list[tuple[str, str]]:
-        """(split file, labels file) pairs of the zero-shot evaluation."""
+    def zero_shot_splits(self, video_dir: str) -> list[datasets.Dataset]:
+        """The test splits of the zero-shot evaluation (none if it is not asked for)."""
+        if self.zero_shot_dataset in ("ucf101", "hmdb51"):
+            if self.zero_shot_split_dir is None:
+                return []
+            loader = load_ucf101 if self.zero_shot_dataset == "ucf101" else load_hmdb51
+            return [loader(self.zero_shot_split_dir, video_dir, split="test", fold=fold) for fold in (1, 2, 3)]
+        if self.zero_shot_dataset != "vifi":
+            raise ValueError(f"--zero_shot_dataset must be 'vifi', 'ucf101' or 'hmdb51', got {self.zero_shot_dataset!r}.")
         files, labels = self.zero_shot_test_files, self.zero_shot_labels_files
         if files and len(labels) not in (1, len(files)):
             raise ValueError(f"--zero_shot_labels_files needs one file or one per split file ({len(files)}), "
                              f"got {len(labels)}.")
-        return [(file, labels[0] if len(labels) == 1 else labels[index]) for index, file in enumerate(files)]
+        return [load_vifi_split(file, labels[0] if len(labels) == 1 else labels[index], video_dir)
+                for index, file in enumerate(files)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,11 +307,10 @@ class ClassificationScript(TrainingScript):
                                          data_args.video_dir)
             extra["novel"] = evaluate(novel_rows, "novel")
             extra["base_to_novel"] = base_to_novel_summary(results["test"], extra["novel"])
-        if task_args.zero_shot_test_files:
-            video_dir = task_args.zero_shot_video_dir or data_args.video_dir
-            per_split = {f"split{index + 1}": evaluate(load_vifi_split(split_file, labels_file, video_dir),
-                                                       f"zero_shot_split{index + 1}")
-                         for index, (split_file, labels_file) in enumerate(task_args.zero_shot_splits())}
+        zero_shot_splits = task_args.zero_shot_splits(task_args.zero_shot_video_dir or data_args.video_dir)
+        if zero_shot_splits:
+            per_split = {f"split{index + 1}": evaluate(rows, f"zero_shot_split{index + 1}")
+                         for index, rows in enumerate(zero_shot_splits)}
             extra["zero_shot"] = {**per_split, **summarize_splits(per_split)}
         return extra
 
@@ -311,7 +325,8 @@ class ClassificationScript(TrainingScript):
         video_options = data_args.video_options(processor.video_processor)
         loop.task.eval_loaders[name] = accelerator.prepare(
             self.evaluation_dataloader(rows, video_options, task_args, data_args, training_args))
-        model.set_class_names(rows.features["label"].names, processor.tokenizer)
+        # Class names are identifiers ("brush_hair"); prompts are language, as ViFi-CLIP writes them.
+        model.set_class_names([name.replace("_", " ") for name in rows.features["label"].names], processor.tokenizer)
         try:
             return loop.task.evaluate(loop.model, name)
         finally:
