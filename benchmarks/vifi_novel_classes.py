@@ -14,7 +14,7 @@ and a fixed logit scale (ours: 20, so that only the class embeddings differ):
 Both are then scored on held-out clips of the base classes and, after `set_class_names(novel)`, of the novel
 classes (chance: 1/12 and 1/6).
 
-Usage (from the repository root): `python -m benchmarks.vifi_novel_classes [--steps 300] [--seed 0]`
+Usage (from the repository root): `python -m benchmarks.vifi_novel_classes [--steps 600] [--lr 3e-4] [--seed 0]`
 """
 
 import argparse
@@ -81,9 +81,9 @@ def accuracy(model, videos, labels) -> float:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch_size", type=int, default=24)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--num_frames", type=int, default=2)
     parser.add_argument("--train_per_class", type=int, default=16)
     parser.add_argument("--test_per_class", type=int, default=16)

@@ -302,9 +302,9 @@ class ClassificationScript(TrainingScript):
         evaluate = lambda rows, name: self._evaluate_class_set(accelerator, loop, processor, rows, name, data_args,
                                                                task_args, training_args)
         if task_args.novel_test_file is not None:
-            novel_rows = load_vifi_split(task_args.novel_test_file,
-                                         _required(task_args.novel_labels_file, "--novel_labels_file", "base-to-novel"),
-                                         data_args.video_dir)
+            if task_args.novel_labels_file is None:
+                raise ValueError("--novel_test_file needs --novel_labels_file (the novel classes' labels CSV).")
+            novel_rows = load_vifi_split(task_args.novel_test_file, task_args.novel_labels_file, data_args.video_dir)
             extra["novel"] = evaluate(novel_rows, "novel")
             extra["base_to_novel"] = base_to_novel_summary(results["test"], extra["novel"])
         zero_shot_splits = task_args.zero_shot_splits(task_args.zero_shot_video_dir or data_args.video_dir)
