@@ -754,6 +754,10 @@ class StanForVideoClassification(StanPreTrainedModel):
         """The (num_labels, projection_dim) class embeddings, not normalised."""
         if self.text_model is None:
             return self.classifier.weight
+        if not bool(self.class_attention_mask.any(dim=1).all()):
+            # A folder without class prompts (e.g. a StanModel's) loads with empty ones: never score against those.
+            raise ValueError("The text-encoder head has no class prompt for some classes: call "
+                             "set_class_names(class_names, tokenizer) first.")
         if self.text_prompts is None:
             pooled = self.text_model(input_ids=self.class_input_ids, attention_mask=self.class_attention_mask).pooler_output
         else:

@@ -18,6 +18,7 @@ from modeling_stan import (
     StanModel,
     video_text_contrastive_loss,
 )
+from modeling_stan.testing_utils import build_tiny_clip_tokenizer
 
 
 def random_text(config: StanConfig, batch_size=2, length=7, seed=0):
@@ -110,6 +111,10 @@ def test_classification_shapes_and_loss(classifier_type):
     labels = {0: "left", 1: "right", 2: "up"}
     config = tiny_stan_config(classifier_type=classifier_type, id2label=labels, label2id={v: k for k, v in labels.items()})
     model = StanForVideoClassification(config).eval()
+    if classifier_type == "text_encoder":
+        with pytest.raises(ValueError, match="no class prompt for some classes"):
+            model(pixel_values=random_video())
+        model.set_class_names(list(labels.values()), build_tiny_clip_tokenizer())
     target = torch.tensor([2, 0])
     out = model(pixel_values=random_video(), labels=target)
     assert out.logits.shape == (2, 3) and out.video_embeds.shape == (2, 32)

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer, CLIPModel
 
 from modeling_stan import StanConfig, StanForVideoClassification
+from modeling_stan.testing_utils import build_tiny_clip_tokenizer
 from modeling_stan.vifi_prompts import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -61,6 +62,7 @@ def test_text_prompts_are_exactly_inserted_tokens(tiny_clip_dir):
 def test_zero_depth_prompts_equal_the_model_without_prompts():
     labels = dict(enumerate(NAMES))
     plain = StanForVideoClassification(tiny_stan_config(classifier_type="text_encoder", id2label=labels)).eval()
+    plain.set_class_names(NAMES, build_tiny_clip_tokenizer())  # copied into the other two with the weights
     zero = StanForVideoClassification(tiny_stan_config(classifier_type="text_encoder", id2label=labels,
                                                        vision_prompt_depth=0, vision_prompt_length=5,
                                                        text_prompt_depth=0, text_prompt_length=7)).eval()
