@@ -187,3 +187,15 @@ def test_zero_shot_over_the_three_official_ucf101_splits(tmp_path, vifi_data):
     assert all(zero_shot[f"split{fold}"]["corrupt_videos"] == 0 for fold in (1, 2, 3))
     assert zero_shot["top1_mean"] == pytest.approx(np.mean(per_split))
     assert zero_shot["top1_std"] == pytest.approx(np.std(per_split))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--zero_shot_dataset", "kinetics"], "--zero_shot_dataset must be one of"),
+    (["--trainable_parts", "everything"], "--trainable_parts must be one of"),
+    (["--novel_test_file", "novel.txt", "--classifier_type", "text_encoder"], "needs both --novel_test_file"),
+    (["--zero_shot_test_files", "a.txt", "--zero_shot_labels_files", "x.csv", "y.csv"], "one file or one per split"),
+    (["--zero_shot_test_files", "a.txt", "--zero_shot_labels_files", "x.csv"], "need --classifier_type text_encoder"),
+])
+def test_protocol_options_fail_before_training(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        run(run_classification, tmp_path / "out", *flags)

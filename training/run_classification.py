@@ -7,7 +7,8 @@ everything under `outputs/classification`, in a few minutes on a CPU:
 
     accelerate launch training/run_classification.py
 
-Recipes for Kinetics-400 and Something-Something v2 are in `training/configs/`; pass `--config FILE` plus your
+Recipes for Kinetics-400 and Something-Something v2, and ViFi-CLIP's settings (`vifi_*.yaml`: fully supervised,
+zero-shot, base-to-novel, few-shot, prompting), are in `training/configs/`; pass `--config FILE` plus your
 dataset paths (flags override the file). Evaluation reports top-1 (and top-5 with 5 classes or more) accuracy with
 multi-view testing: `--num_test_clips` temporal clips x `--num_test_crops` spatial crops per video, softmax scores
 averaged.
@@ -64,7 +65,6 @@ class ClassificationArguments(AugmentationArguments):
     num_shots: int | None = field(
         default=None, metadata={"help": "Few-shot: train on exactly this many videos per class, drawn with --seed."}
     )
-    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the cross-entropy loss."})
     novel_test_file: str | None = field(
         default=None, metadata={"help": "Base-to-novel: split file (ViFi-CLIP layout) of the novel classes' test videos."}
     )
@@ -91,6 +91,23 @@ class ClassificationArguments(AugmentationArguments):
     split_dir: str | None = field(default=None, metadata={"help": "ucf101/hmdb51: the folder of split lists."})
     fold: int = field(default=1, metadata={"help": "ucf101/hmdb51: split fold 1, 2 or 3."})
 
+    def __post_init__(self):
+        # Checked before anything runs: the evaluations these options ask for come after training.
+        super().__post_init__()
+        for name, allowed in (("trainable_parts", TRAINABLE_PARTS), ("zero_shot_dataset", ("vifi", "ucf101", "hmdb51"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+        if (self.novel_test_file is None) != (self.novel_labels_file is None):
+            raise ValueError("Base-to-novel needs both --novel_test_file and --novel_labels_file.")
+        files, labels = self.zero_shot_test_files, self.zero_shot_labels_files
+        if files and len(labels) not in (1, len(files)):
+            raise ValueError(f"--zero_shot_labels_files needs one file or one per split file ({len(files)}), "
+                             f"got {len(labels)}.")
+        evaluates_other_classes = self.novel_test_file or files or self.zero_shot_split_dir
+        if evaluates_other_classes and self.classifier_type != "text_encoder":
+            raise ValueError("Base-to-novel and zero-shot evaluation need --classifier_type text_encoder: only the "
+                             f"text-encoder head embeds new class names, not {self.classifier_type!r}.")
+
     @property
     def num_views(self) -> int:
         return self.num_test_clips * self.num_test_crops
@@ -108,12 +125,7 @@ class ClassificationArguments(AugmentationArguments):
                 return []
             loader = load_ucf101 if self.zero_shot_dataset == "ucf101" else load_hmdb51
             return [loader(self.zero_shot_split_dir, video_dir, split="test", fold=fold) for fold in (1, 2, 3)]
-        if self.zero_shot_dataset != "vifi":
-            raise ValueError(f"--zero_shot_dataset must be 'vifi', 'ucf101' or 'hmdb51', got {self.zero_shot_dataset!r}.")
         files, labels = self.zero_shot_test_files, self.zero_shot_labels_files
-        if files and len(labels) not in (1, len(files)):
-            raise ValueError(f"--zero_shot_labels_files needs one file or one per split file ({len(files)}), "
-                             f"got {len(labels)}.")
         return [load_vifi_split(file, labels[0] if len(labels) == 1 else labels[index], video_dir)
                 for index, file in enumerate(files)]
 
@@ -302,8 +314,6 @@ class ClassificationScript(TrainingScript):
         evaluate = lambda rows, name: self._evaluate_class_set(accelerator, loop, processor, rows, name, data_args,
                                                                task_args, training_args)
         if task_args.novel_test_file is not None:
-            if task_args.novel_labels_file is None:
-                raise ValueError("--novel_test_file needs --novel_labels_file (the novel classes' labels CSV).")
             novel_rows = load_vifi_split(task_args.novel_test_file, task_args.novel_labels_file, data_args.video_dir)
             extra["novel"] = evaluate(novel_rows, "novel")
             extra["base_to_novel"] = base_to_novel_summary(results["test"], extra["novel"])
@@ -318,9 +328,6 @@ class ClassificationScript(TrainingScript):
                             data_args: DataArguments, task_args: ClassificationArguments, training_args) -> dict:
         """Metrics on `rows` with the head pointed at their class names; the model's own classes are restored."""
         model = accelerator.unwrap_model(loop.model)
-        if model.text_model is None:
-            raise ValueError(f"Evaluating on other classes ({name}) needs --classifier_type text_encoder: only the "
-                             f"text-encoder head embeds new class names, not {model.config.classifier_type!r}.")
         own_classes = model.class_names()
         video_options = data_args.video_options(processor.video_processor)
         loop.task.eval_loaders[name] = accelerator.prepare(

@@ -29,9 +29,10 @@ class AugmentationArguments:
     mixup: float = field(default=0.0, metadata={"help": "Mixup Beta alpha, 0 = off (ViFi-CLIP: 0.8)."})
     cutmix: float = field(default=0.0, metadata={"help": "Cutmix Beta alpha, 0 = off (ViFi-CLIP: 1.0)."})
     mixup_switch_prob: float = field(default=0.5, metadata={"help": "With both on: probability of cutmix."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the targets (ViFi-CLIP: 0.1)."})
 
     def __post_init__(self):
-        for name in ("flip", "color_jitter", "grayscale", "mixup_switch_prob"):
+        for name in ("flip", "color_jitter", "grayscale", "mixup_switch_prob", "label_smoothing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} is a probability in [0, 1], got {getattr(self, name)}.")
         if self.mixup < 0 or self.cutmix < 0:
