@@ -29,7 +29,14 @@ from .metrics import (
 from .mug_alignment import mug_similarity
 from .pipeline_zero_shot_video_classification import ZeroShotVideoClassificationPipeline, register_pipelines
 from .processing_stan import StanProcessor
-from .video_io import VideoDecodeError, VideoMetadata, decode_video, sample_frame_indices
+from .video_io import (
+    InvalidFramesError,
+    NotAVideoError,
+    VideoDecodeError,
+    VideoMetadata,
+    decode_video,
+    sample_frame_indices,
+)
 from .video_processing_stan import StanVideoProcessor
 
 
@@ -52,6 +59,8 @@ __all__ = [
     "StanVideoProcessor",
     "StanProcessor",
     "VideoDecodeError",
+    "NotAVideoError",
+    "InvalidFramesError",
     "VideoMetadata",
     "decode_video",
     "sample_frame_indices",

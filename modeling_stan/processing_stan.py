@@ -1,9 +1,18 @@
 """Processor of STAN: a CLIP tokenizer for captions and a `StanVideoProcessor` for videos, saved and loaded as one."""
 
-from transformers.processing_utils import ProcessorMixin
+from transformers.image_processing_utils import BatchFeature
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_utils import VideoInput
 
-from .video_processing_stan import StanVideoProcessor
+from .video_processing_stan import StanVideoProcessor, StanVideoProcessorKwargs
+
+
+class StanProcessorKwargs(ProcessingKwargs, total=False):
+    """Keyword arguments of `StanProcessor.__call__`: the tokenizer's and `StanVideoProcessorKwargs`."""
+
+    videos_kwargs: StanVideoProcessorKwargs
 
 
 class StanProcessor(ProcessorMixin):
@@ -21,10 +30,17 @@ class StanProcessor(ProcessorMixin):
         tokenizer ([`CLIPTokenizer`]): turns captions into `input_ids` and `attention_mask`.
     """
 
+    valid_processor_kwargs = StanProcessorKwargs
+
     def __init__(self, video_processor=None, tokenizer=None, **kwargs):
         super().__init__(video_processor, tokenizer, **kwargs)
 
-    def __call__(self, text=None, videos=None, **kwargs):
+    def __call__(
+        self,
+        text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
+        videos: VideoInput | None = None,
+        **kwargs: Unpack[StanProcessorKwargs],
+    ) -> BatchFeature:
         for modality in ("images", "audio"):
             if kwargs.get(modality) is not None:
                 raise TypeError(f"{type(self).__name__} takes text= and videos=, not {modality}=.")
@@ -46,4 +62,4 @@ class StanProcessor(ProcessorMixin):
         StanVideoProcessor.register_for_auto_class("AutoVideoProcessor")
 
 
-__all__ = ["StanProcessor"]
+__all__ = ["StanProcessor", "StanProcessorKwargs"]

@@ -22,8 +22,14 @@ count. Frames are always RGB uint8 (any pixel format is converted) and upright (
 applied, rounded to a multiple of 90 degrees; flips are ignored). `bytes` and file-like sources are read into
 memory once.
 
+Memory: with `frame_transform` (e.g. a resize to the model's input size), each frame is transformed as soon as it is
+decoded, so a clip is never held at the source resolution: a 4K video costs what its transformed frames cost.
+
 Errors: a missing path raises `FileNotFoundError` (the builtin, so that dataset code can count missing files
-apart from broken ones); empty, corrupt, truncated, non-video and audio-only inputs raise `VideoDecodeError`.
+apart from broken ones); empty, corrupt, truncated, non-video and audio-only inputs raise `VideoDecodeError`; a
+path that is no regular file (directory, FIFO, device, socket), a symbolic link loop and a still image raise its
+subclass `NotAVideoError` before anything is read from it, so a FIFO fails at once instead of blocking.
+`InvalidFramesError`, also a `VideoDecodeError`, is what the video processor raises for unusable in-memory frames.
 """
 
 import bisect
@@ -33,6 +39,8 @@ import io
 import itertools
 import math
 import os
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -59,6 +67,18 @@ class VideoDecodeError(ValueError):
         self.source = source
         self.cause = cause
         super().__init__(f"Cannot decode video {source}: {cause}")
+
+
+class NotAVideoError(VideoDecodeError):
+    """The source is not a video file: a path to a directory, FIFO, device or socket, a symbolic link loop, or a
+    still image (a `.jpg`, `.png`, ...; pass an image as a one-frame video instead: `[image]` or `array[None]`)."""
+
+
+class InvalidFramesError(VideoDecodeError):
+    """A video given as frames (arrays, tensors or images) cannot be processed as given: non-finite values (NaN or
+    inf), a dtype or value range that does not say how to read it (bool, uint16, float frames in [0, 1] where the
+    0-255 scale is expected), or a layout without 1 or 3 channels. `source` describes the video, e.g.
+    `"<video 0 of the batch: numpy.ndarray (8, 30, 40, 3) float32>"`."""
 
 
 @dataclass
@@ -137,6 +157,7 @@ def decode_video(
     frame_stride: int = 4,
     target_fps: float | None = None,
     generator: torch.Generator | None = None,
+    frame_transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, VideoMetadata]:
     """Decode `num_frames` frames (per clip) sampled from a video.
 
@@ -150,13 +171,18 @@ def decode_video(
         target_fps (`float`, *optional*): frames per second of an `"fps"` clip.
         generator (`torch.Generator`, *optional*): source of randomness when `train=True`; torch's global
             generator otherwise, which `DataLoader` seeds differently in every worker.
+        frame_transform (`Callable`, *optional*): applied to each decoded `(H, W, 3)` uint8 frame as soon as it is
+            decoded (each distinct frame once); it returns a numpy array of a fixed shape, e.g. a frame resized to
+            the model's input size, so that the full-resolution frames are never held together.
 
     Returns:
         `tuple[np.ndarray, VideoMetadata]`: RGB uint8 frames of shape `(T, H, W, 3)` when `num_clips == 1`, else
-        `(num_clips, T, H, W, 3)`, and the video's metadata.
+        `(num_clips, T, H, W, 3)` (with `frame_transform`, its outputs in place of the `(H, W, 3)` frames), and
+        the video's metadata.
 
     Raises:
         `FileNotFoundError`: `source` is a path to nothing.
+        `NotAVideoError`: `source` is a path to no regular file, a symbolic link loop, or a still image.
         `VideoDecodeError`: the video cannot be decoded.
         `TypeError`, `ValueError`: bad argument types or values.
     """
@@ -182,7 +208,9 @@ def decode_video(
     # Decoding starts on a fresh opening, at the start of the file: timestamp-less streams cannot seek back there.
     with _open_container(data, description) as container:
         stream = _video_stream(container, description)
-        decoded, rotation = _decode_frames(container, stream, timeline, indices.ravel().tolist(), description)
+        decoded, rotation, (height, width) = _decode_frames(
+            container, stream, timeline, indices.ravel().tolist(), description, frame_transform
+        )
         codec = stream.codec_context.name
 
     frames, indices, total_frames = _gather(decoded, indices, timeline.total_frames)
@@ -192,8 +220,8 @@ def decode_video(
         duration=duration,
         total_frames=total_frames,
         frame_count_exact=timeline.pts is not None and total_frames == timeline.total_frames,
-        width=frames.shape[-2],
-        height=frames.shape[-3],
+        width=width,
+        height=height,
         codec=codec,
         rotation=rotation,
         frame_indices=indices[0].tolist() if num_clips == 1 else indices.tolist(),
@@ -328,10 +356,7 @@ def _readable(source, description: str):
     """The path of a path source, or the bytes of an in-memory or file-like source (read once, opened twice)."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if not os.path.exists(path):
-            raise FileNotFoundError(errno.ENOENT, "Video file not found", path)
-        if os.path.isdir(path):
-            raise VideoDecodeError(description, "the path is a directory, not a video file")
+        _check_regular_file(path, description)
         return path
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
@@ -343,6 +368,30 @@ def _readable(source, description: str):
     )
 
 
+_FILE_KINDS = {
+    stat.S_ISDIR: "a directory",
+    stat.S_ISFIFO: "a FIFO (named pipe)",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISSOCK: "a socket",
+}
+
+
+def _check_regular_file(path: str, description: str) -> None:
+    """Refuse what is not a regular file before opening it: opening a FIFO or a device can block forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "Video file not found", path) from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NotAVideoError(description, "the path is a symbolic link loop") from error
+        raise
+    if not stat.S_ISREG(mode):
+        kind = next((name for is_kind, name in _FILE_KINDS.items() if is_kind(mode)), "not a regular file")
+        raise NotAVideoError(description, f"the path is {kind}, not a video file")
+
+
 def _open_container(data, description: str):
     try:
         return av.open(data if isinstance(data, str) else io.BytesIO(data), mode="r", metadata_errors="ignore")
@@ -350,7 +399,18 @@ def _open_container(data, description: str):
         raise VideoDecodeError(description, error) from error
 
 
+def _is_still_image_format(format_name: str) -> bool:
+    """FFmpeg reads single images with the `image2` demuxer (by file name) or an `*_pipe` one (by content)."""
+    return any(name == "image2" or name.endswith("_pipe") for name in format_name.split(","))
+
+
 def _video_stream(container, description: str):
+    if _is_still_image_format(container.format.name):
+        raise NotAVideoError(
+            description,
+            f"it is a still image ({container.format.name}), not a video; pass an image as a one-frame video: a "
+            "list with one PIL image, or an array of shape (1, H, W, 3)",
+        )
     if not container.streams.video:
         kinds = sorted({stream.type for stream in container.streams}) or ["none"]
         raise VideoDecodeError(description, f"no video stream (streams found: {', '.join(kinds)})")
@@ -420,8 +480,9 @@ def _duration(container, stream, timeline: _Timeline, fps: float) -> float:
     return timeline.total_frames / fps
 
 
-def _decode_frames(container, stream, timeline: _Timeline, indices: list, description: str):
-    """Decode the frames at `indices`: a dict from frame index to RGB array, and the rotation applied.
+def _decode_frames(container, stream, timeline: _Timeline, indices: list, description: str, transform=None):
+    """Decode the frames at `indices`: a dict from frame index to RGB array (passed through `transform`), the
+    rotation applied, and the (height, width) of the upright frames.
 
     Seeks to a keyframe only when the next wanted frame's keyframe lies beyond what was already decoded, so the
     frames of one group of pictures are decoded once, in one forward pass. A wanted frame that the decoder never
@@ -430,8 +491,16 @@ def _decode_frames(container, stream, timeline: _Timeline, indices: list, descri
     """
     pending = collections.deque(sorted(set(indices)))
     wanted_pts = set() if timeline.pts is None else {timeline.pts[index] for index in pending}
-    frames, rotation = {}, 0
+    frames, rotation, size = {}, 0, None
     run, position, last_frame = None, -1, None
+
+    def convert(frame):
+        nonlocal rotation, size
+        rotation = _upright_rotation(frame)
+        image = _to_upright_rgb(frame, rotation)
+        size = image.shape[:2]
+        return image if transform is None else transform(image)
+
     try:
         while pending:
             start = timeline.decode_start(pending[0])
@@ -442,20 +511,19 @@ def _decode_frames(container, stream, timeline: _Timeline, indices: list, descri
             for position, frame in run:
                 last_frame = frame
                 if position >= pending[0]:
-                    rotation = _upright_rotation(frame)
-                    image = _to_upright_rgb(frame, rotation)
+                    image = convert(frame)
                     while pending and pending[0] <= position:
                         frames[pending.popleft()] = image
                     break
             else:
                 if last_frame is not None and position not in frames:
-                    frames[position] = _to_upright_rgb(last_frame, _upright_rotation(last_frame))
+                    frames[position] = convert(last_frame)
                 break
     except av.FFmpegError as error:
         raise VideoDecodeError(description, error) from error
     if not frames:
         raise VideoDecodeError(description, "no frame could be decoded")
-    return frames, rotation
+    return frames, rotation, size
 
 
 def _decode_from(container, stream, timeline: _Timeline, start: int, wanted_pts: set, packets=None):
@@ -541,6 +609,8 @@ def _to_upright_rgb(frame, rotation: int) -> np.ndarray:
 
 __all__ = [
     "SAMPLING_STRATEGIES",
+    "InvalidFramesError",
+    "NotAVideoError",
     "VideoDecodeError",
     "VideoMetadata",
     "decode_video",

@@ -19,12 +19,14 @@ from transformers.image_utils import (
     OPENAI_CLIP_STD,
     ChannelDimension,
     PILImageResampling,
+    infer_channel_dimension_format,
     is_pil_image,
 )
 from transformers.processing_utils import Unpack, VideosKwargs
 from transformers.video_processing_utils import VideoProcessorMixin
+from transformers.video_utils import VideoInput
 
-from .video_io import SAMPLING_STRATEGIES, decode_video, sample_frame_indices
+from .video_io import SAMPLING_STRATEGIES, InvalidFramesError, decode_video, sample_frame_indices
 
 
 _INTERPOLATION_MODES = {PILImageResampling.BILINEAR: "bilinear", PILImageResampling.BICUBIC: "bicubic"}
@@ -35,6 +37,10 @@ _UNSUPPORTED_OPTIONS = {
     "data_format": (None, "channels_first"),
     "do_convert_rgb": (None, True),  # frames are always RGB
 }
+# Options that are whole numbers >= 1 (num_frames only when frames are sampled).
+_COUNT_OPTIONS = ("num_frames", "num_clips", "frame_stride")
+# Integer dtypes read as values on the 0-255 scale (after a range check); uint16 is refused: its bit depth is unknown.
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class StanVideoProcessorKwargs(VideosKwargs, total=False):
@@ -80,17 +86,37 @@ class StanVideoProcessor(VideoProcessorMixin):
     random resized crop.
 
     Accepted videos, alone or in a list (a batch, whose videos may differ in length and size):
-        - a path (`str` or `os.PathLike`), `bytes` or a binary file-like object, decoded with PyAV;
-        - a `numpy.ndarray` of shape `(T, H, W, C)`, a `torch.Tensor` of shape `(T, C, H, W)` (uint8 or float on
-          the 0-255 scale; `input_data_format` overrides the channel position), or a list of frames (PIL images,
-          `(H, W, C)` arrays or `(C, H, W)` tensors); `C` is 3 (RGB) or 1 (grey). Such frames are sampled to
-          `num_frames` with the same rule as decoded videos, so a decoded video and its frames give equal outputs.
+        - a path (`str` or `os.PathLike`), `bytes` or a binary file-like object, decoded with PyAV. A path must be
+          a regular file (a directory, FIFO, device or socket, or a symbolic link loop raises `NotAVideoError` before
+          anything is opened), and a still image (`.jpg`, `.png`, ...) is refused with `NotAVideoError`: pass an
+          image as a one-frame video, `[image]` or an array of shape `(1, H, W, C)`;
+        - a `numpy.ndarray` or `torch.Tensor` of shape `(T, H, W, C)` or `(T, C, H, W)`, or a list of frames (PIL
+          images, `(H, W)` grey arrays, 3-D arrays or tensors); `C` is 3 (RGB) or 1 (grey). Such frames are sampled
+          to `num_frames` with the same rule as decoded videos, so a decoded video and its frames give equal outputs.
         A 5-D array or tensor is a batch of equally long videos.
+
+    Channel axis: `input_data_format` (`"channels_last"` or `"channels_first"`) when given; otherwise inferred from
+    the shape as transformers' image processors infer it (`infer_channel_dimension_format`): the axis of size 1 or 3
+    among the first and last axes of a frame; when both are (e.g. 3x3 frames), channels first, with a warning.
+
+    Frame values: uint8, or other integers in 0-255, or float on the 0-255 scale (`do_rescale=True` multiplies by
+    `rescale_factor`, 1/255). Values that cannot be read without a guess raise `InvalidFramesError` (a
+    `VideoDecodeError`) naming the video: non-finite values (NaN, inf), bool or uint16 frames, values outside
+    0-255, and float frames within (0, 1], which look already rescaled (multiply by 255, or pass
+    `do_rescale=False`; with `do_rescale=False` only finiteness is checked). Nothing is coerced silently.
 
     Output: `BatchFeature` with `pixel_values` of shape `(B * num_clips * num_crops, num_frames, 3, height, width)`,
     float32. The views of a video are consecutive, clip-major: row `(b * num_clips + k) * num_crops + c` is crop `c`
     of clip `k` of video `b`; average the scores of a video's `num_clips * num_crops` rows for multi-view testing.
     With `return_metadata=True`, `video_metadata` lists each video's `video_io.VideoMetadata` (None for frames).
+
+    Options: `image_mean` / `image_std` are one number (for every channel) or one per channel. `fps` is used only
+    with `sampling="fps"` and refused otherwise; options this processor does not implement (`do_pad=True`,
+    `video_metadata`, `data_format="channels_last"`, `do_convert_rgb=False`) are refused rather than ignored.
+
+    Memory: videos are processed one at a time, and a decoded video is resized frame by frame as it is decoded (in
+    test mode; training crops a random box of the full frame first), so memory follows the output size rather than
+    the sources' resolution. Frames given in memory are converted to float32 one frame at a time while resizing.
 
     Images are resized in float32 with antialiasing and not rounded back to integers, so uint8 and float inputs
     with the same values give the same output.
@@ -108,6 +134,7 @@ class StanVideoProcessor(VideoProcessorMixin):
     do_rescale = True
     rescale_factor = 1 / 255
     do_normalize = True
+    do_convert_rgb = True  # frames always come out RGB: PIL images are converted, grey frames repeated
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
     do_sample_frames = True
@@ -144,7 +171,7 @@ class StanVideoProcessor(VideoProcessorMixin):
             kwargs[name] = None if low_high is None else tuple(low_high)
         return kwargs
 
-    def preprocess(self, videos, **kwargs: Unpack[StanVideoProcessorKwargs]) -> BatchFeature:
+    def preprocess(self, videos: VideoInput, **kwargs: Unpack[StanVideoProcessorKwargs]) -> BatchFeature:
         unknown = sorted(set(kwargs) - set(self.valid_kwargs.__annotations__))
         if unknown:
             raise TypeError(
@@ -156,12 +183,13 @@ class StanVideoProcessor(VideoProcessorMixin):
         options = self._standardize_kwargs(**options)
         self._check_options(options)
 
-        clips, metadata = [], []
-        for video in _as_video_list(videos):
-            video_clips, video_metadata = self._load_clips(video, options)
-            clips.append(video_clips.to(options["device"] or "cpu", torch.float32))
+        # One video at a time, each reduced to its output views before the next is loaded: memory follows the
+        # output size, not the sources' resolution.
+        views, metadata = [], []
+        for position, video in enumerate(_as_video_list(videos)):
+            video_clips, video_metadata = self._load_clips(video, options, position)
+            views.append(self._spatial_views(video_clips.to(options["device"] or "cpu"), options))
             metadata.append(video_metadata)
-        views = [self._spatial_views(video_clips, options) for video_clips in clips]
         if len({view.shape[1:] for view in views}) > 1:
             raise ValueError(
                 f"The processed videos differ in shape {sorted({tuple(view.shape[1:]) for view in views})}: a batch "
@@ -178,8 +206,11 @@ class StanVideoProcessor(VideoProcessorMixin):
         for name, allowed in _UNSUPPORTED_OPTIONS.items():
             if options.get(name) not in allowed:
                 raise ValueError(f"{type(self).__name__} does not support {name}={options[name]!r}.")
-        if options["sampling"] not in SAMPLING_STRATEGIES:
-            raise ValueError(f"sampling must be one of {SAMPLING_STRATEGIES}, got {options['sampling']!r}.")
+        for name in _COUNT_OPTIONS if options["do_sample_frames"] else _COUNT_OPTIONS[1:]:
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        _check_sampling_options(options["sampling"], options["fps"])
         if options["num_crops"] not in (1, 3):
             raise ValueError(f"num_crops must be 1 or 3, got {options['num_crops']!r}.")
         if options["num_crops"] == 3 and not options["do_center_crop"]:
@@ -188,23 +219,41 @@ class StanVideoProcessor(VideoProcessorMixin):
             raise ValueError("num_crops is a test-time option: training with a random resized crop takes one crop.")
         if options["do_resize"] or options["do_center_crop"] or options["do_random_resized_crop"]:
             _interpolation_mode(options["resample"])
+        if options["do_resize"]:
+            _resized_shape((1, 1), options["size"])  # checks that size is complete and positive
+        if options["do_center_crop"] or options["do_random_resized_crop"]:
+            _check_positive_sizes("crop_size", options["crop_size"], ("height", "width"))
+        if options["do_rescale"] and not _is_finite_number(options["rescale_factor"]):
+            raise ValueError(f"rescale_factor must be a finite number, got {options['rescale_factor']!r}.")
+        if options["do_normalize"]:
+            _channel_values("image_mean", options["image_mean"])
+            if (_channel_values("image_std", options["image_std"]) == 0).any():
+                raise ValueError(f"image_std must not be 0, got {options['image_std']!r}.")
         for name in ("random_resized_crop_scale", "random_resized_crop_ratio"):
             low_high = options[name]
             if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
                 raise ValueError(f"{name} must be two numbers 0 < low <= high, got {low_high!r}.")
 
-    def _load_clips(self, video, options: dict):
-        """The clips of one video as a `(num_clips, T, C, H, W)` tensor, and its metadata (None for frames)."""
+    def _load_clips(self, video, options: dict, position: int):
+        """The clips of one video as a `(num_clips, T, C, H, W)` tensor, and its metadata (None for frames).
+
+        Decoded videos that the test-time pipeline resizes come out resized (float32): each frame is resized as it
+        is decoded. Other clips keep their dtype and size until `_spatial_views`.
+        """
         sampling = {name: options[name] for name in ("num_frames", "sampling", "train", "num_clips", "frame_stride")}
         if _is_source(video):
             if not options["do_sample_frames"]:
                 raise ValueError("do_sample_frames=False needs decoded frames; a path or bytes is always sampled.")
+            transform = self._decode_time_resize(options)
             frames, metadata = decode_video(
-                video, target_fps=options["fps"], generator=options["generator"], **sampling
+                video, target_fps=options["fps"], generator=options["generator"], frame_transform=transform, **sampling
             )
             clips = torch.from_numpy(frames.reshape(options["num_clips"], *frames.shape[-4:]))
-            return clips.permute(0, 1, 4, 2, 3), metadata
-        frames = _frames_to_tensor(video, options["input_data_format"])
+            # Without a transform, frames are (H, W, 3) uint8; the transform gives (3, h, w) float32.
+            return (clips if transform else clips.permute(0, 1, 4, 2, 3)), metadata
+        description = _describe_frames(video, position)
+        frames = _frames_to_tensor(video, options["input_data_format"], description)
+        _check_frame_values(frames, options["do_rescale"], description)
         if not options["do_sample_frames"]:
             return frames[None], None
         if options["sampling"] == "fps":
@@ -212,8 +261,22 @@ class StanVideoProcessor(VideoProcessorMixin):
         indices = sample_frame_indices(len(frames), generator=options["generator"], **sampling)
         return frames[torch.from_numpy(indices)], None
 
+    @staticmethod
+    def _decode_time_resize(options: dict):
+        """The test-time resize as a per-frame `decode_video` transform; None where frames must stay whole (training
+        crops a random box of the full frame first) or are not resized."""
+        if not options["do_resize"] or (options["train"] and options["do_random_resized_crop"]):
+            return None
+        size, mode = options["size"], _interpolation_mode(options["resample"])
+
+        def resize_frame(rgb: np.ndarray) -> np.ndarray:
+            frame = torch.from_numpy(rgb).permute(2, 0, 1)
+            return _resize(frame, _resized_shape(frame.shape[-2:], size), mode).numpy()
+
+        return resize_frame
+
     def _spatial_views(self, clips: torch.Tensor, options: dict) -> torch.Tensor:
-        """`(num_clips, T, C, H, W)` -> `(num_clips * num_views, T, C, h, w)`: resized and cropped views."""
+        """`(num_clips, T, C, H, W)` -> `(num_clips * num_views, T, C, h, w)` float32: resized and cropped views."""
         mode = _interpolation_mode(options["resample"])
         if options["train"] and options["do_random_resized_crop"]:
             crop_size = (options["crop_size"].height, options["crop_size"].width)
@@ -224,6 +287,7 @@ class StanVideoProcessor(VideoProcessorMixin):
                 views.append(_resize(clip[..., top : top + height, left : left + width], crop_size, mode))
             return torch.stack(views)
         if options["do_resize"]:
+            # A no-op for decoded videos, resized while decoding (a resize to `size` is idempotent).
             clips = _resize(clips, _resized_shape(clips.shape[-2:], options["size"]), mode)
         if options["do_center_crop"]:
             crop_size = (options["crop_size"].height, options["crop_size"].width)
@@ -231,14 +295,14 @@ class StanVideoProcessor(VideoProcessorMixin):
             height, width = crop_size
             views = [clip[..., top : top + height, left : left + width] for clip in clips for top, left in boxes]
             clips = torch.stack(views)
-        return clips
+        return clips.float()
 
     def _rescale_and_normalize(self, pixels: torch.Tensor, options: dict) -> torch.Tensor:
         if options["do_rescale"]:
             pixels = pixels * options["rescale_factor"]
         if options["do_normalize"]:
-            mean = torch.tensor(options["image_mean"], dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-            std = torch.tensor(options["image_std"], dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+            mean = _channel_values("image_mean", options["image_mean"]).to(pixels).view(3, 1, 1)
+            std = _channel_values("image_std", options["image_std"]).to(pixels).view(3, 1, 1)
             pixels = (pixels - mean) / std
         return pixels.contiguous()
 
@@ -266,57 +330,158 @@ def _as_video_list(videos) -> list:
         if not any(_is_frame(item) for item in videos):
             return list(videos)
         raise ValueError("A list of videos mixes single frames and whole videos; pass a list of one or the other.")
+    if _is_frame(videos):
+        raise TypeError(
+            "videos got a single image; pass an image as a one-frame video: [image], or an array of shape "
+            "(1, H, W, C) / a tensor of shape (1, C, H, W)."
+        )
     raise TypeError(
-        "videos must be a path, bytes, a file-like object, a (T, H, W, C) array, a (T, C, H, W) tensor, a list of "
+        "videos must be a path, bytes, a file-like object, a (T, H, W, C) or (T, C, H, W) array or tensor, a list of "
         f"frames, or a list (batch) of those; got {type(videos).__name__}"
         + (f" of shape {tuple(videos.shape)}" if hasattr(videos, "shape") else "")
         + "."
     )
 
 
-def _frames_to_tensor(video, input_data_format) -> torch.Tensor:
-    """A `(T, 3, H, W)` tensor from a video given as frames (uint8 stays uint8, other types become float32)."""
+def _describe_frames(video, position: int) -> str:
+    """Printable description of a video given as frames, for error messages."""
+    if isinstance(video, (np.ndarray, torch.Tensor)):
+        kind = f"{type(video).__module__.split('.')[0]}.{type(video).__name__} {tuple(video.shape)} {video.dtype}"
+    else:
+        kind = f"list of {len(video)} frames"
+    return f"<video {position} of the batch: {kind}>"
+
+
+def _frames_to_tensor(video, input_data_format, description: str) -> torch.Tensor:
+    """A `(T, 3, H, W)` tensor from a video given as frames, in its own dtype (converted to float32 frame by frame,
+    later, by `_resize`). The channel axis is `input_data_format`'s, or inferred as transformers infers it."""
     if isinstance(video, (list, tuple)):
-        frames = [_frame_to_tensor(frame, input_data_format) for frame in video]
+        frames = [_frame_to_tensor(frame, input_data_format, description) for frame in video]
         if len({frame.shape for frame in frames}) > 1:
-            raise ValueError(f"The frames of a video differ in shape: {sorted({tuple(f.shape) for f in frames})}.")
+            shapes = sorted({tuple(frame.shape) for frame in frames})
+            raise InvalidFramesError(description, f"the frames differ in shape: {shapes}")
         tensor = torch.stack(frames)
     else:
-        tensor = _as_tensor(video)
-        if _channels_last(video, input_data_format):
+        tensor = _as_tensor(video, description)
+        if _channel_dimension(tensor, input_data_format, description) == ChannelDimension.LAST:
             tensor = tensor.permute(0, 3, 1, 2)
     if len(tensor) == 0:
-        raise ValueError("A video given as frames has no frames.")
+        raise InvalidFramesError(description, "the video has no frames")
     if tensor.shape[1] not in (1, 3):
-        raise ValueError(
-            f"Video frames must have 1 (grey) or 3 (RGB) channels, got a video of shape {tuple(tensor.shape)} "
-            "read as (T, C, H, W): numpy arrays are read as (T, H, W, C) and tensors as (T, C, H, W) unless "
-            "input_data_format says otherwise."
+        raise InvalidFramesError(
+            description,
+            f"video frames must have 1 (grey) or 3 (RGB) channels, got shape {tuple(tensor.shape)} read as (T, C, H, "
+            "W) (input_data_format sets where the channels are; convert RGBA or other layouts to RGB first)",
         )
-    if tensor.dtype != torch.uint8:
-        tensor = tensor.float()
     return tensor.expand(-1, 3, -1, -1)
 
 
-def _frame_to_tensor(frame, input_data_format) -> torch.Tensor:
-    """A `(C, H, W)` tensor from one frame: a PIL image, a `(H, W[, C])` array or a `([C,] H, W)` tensor."""
+def _frame_to_tensor(frame, input_data_format, description: str) -> torch.Tensor:
+    """A `(C, H, W)` tensor from one frame: a PIL image, a `(H, W)` grey array or a 3-D array or tensor."""
     if is_pil_image(frame):
         frame = np.asarray(frame.convert("RGB"))
-    tensor = _as_tensor(frame)
+    tensor = _as_tensor(frame, description)
     if tensor.ndim == 2:
         return tensor[None]
-    return tensor.permute(2, 0, 1) if _channels_last(frame, input_data_format) else tensor
+    if _channel_dimension(tensor, input_data_format, description) == ChannelDimension.LAST:
+        return tensor.permute(2, 0, 1)
+    return tensor
 
 
-def _as_tensor(array) -> torch.Tensor:
-    # torch shares numpy memory only for C-contiguous, writable arrays (not flipped views or PIL buffers): copy others.
-    return torch.from_numpy(np.require(array, requirements=["C", "W"])) if isinstance(array, np.ndarray) else array
+def _as_tensor(array, description: str) -> torch.Tensor:
+    if not isinstance(array, np.ndarray):
+        return array
+    try:
+        # torch shares numpy memory only for C-contiguous, writable arrays (not flipped views or PIL buffers).
+        return torch.from_numpy(np.require(array, requirements=["C", "W"]))
+    except TypeError:  # object, string and other dtypes torch has no counterpart for
+        raise InvalidFramesError(description, f"frames of dtype {array.dtype} are not pixel values") from None
 
 
-def _channels_last(video, input_data_format) -> bool:
-    if input_data_format is None:
-        return isinstance(video, np.ndarray)
-    return ChannelDimension(input_data_format) == ChannelDimension.LAST
+def _channel_dimension(frames: torch.Tensor, input_data_format, description: str) -> ChannelDimension:
+    """The channel axis of a `(T, ?, ?, ?)` video or `(?, ?, ?)` frame: the given one, else inferred from the shape
+    like transformers' image processors: the axis of size 1 or 3, the first one when both are (with a warning)."""
+    if input_data_format is not None:
+        return ChannelDimension(input_data_format)
+    try:
+        return infer_channel_dimension_format(frames)
+    except ValueError:
+        raise InvalidFramesError(
+            description,
+            f"video frames must have 1 (grey) or 3 (RGB) channels, got shape {tuple(frames.shape)}: no channel axis "
+            "(first or last after the frame axis) of size 1 or 3",
+        ) from None
+
+
+def _check_frame_values(frames: torch.Tensor, do_rescale: bool, description: str) -> None:
+    """Refuse frame values whose reading would be a guess: non-finite values, bool or uint16 frames, integers outside
+    0-255, and (when `do_rescale` expects the 0-255 scale) float frames outside it or seemingly already in [0, 1]."""
+    dtype = frames.dtype
+    if dtype == torch.uint8:
+        return
+    if dtype == torch.bool:
+        raise InvalidFramesError(description, "bool frames are not pixel values; convert them to uint8 (0 or 255)")
+    if dtype == torch.uint16:
+        raise InvalidFramesError(
+            description,
+            "uint16 frames do not say their bit depth (16, 12 or 10 bits); convert them to uint8 (e.g. frames >> 8 "
+            "for 16 bits) or to float on the 0-255 scale",
+        )
+    if dtype not in _INTEGER_DTYPES and not dtype.is_floating_point:
+        raise InvalidFramesError(description, f"frames of dtype {dtype} are not pixel values")
+    if dtype.is_floating_point:
+        non_finite = frames.numel() - int(torch.isfinite(frames).sum())
+        if non_finite:
+            raise InvalidFramesError(description, f"{non_finite} non-finite values (NaN or inf) in the frames")
+    low, high = (float(value) for value in frames.aminmax())
+    if not do_rescale:
+        return  # the caller has already scaled the values as the model expects
+    if low < 0 or high > 255:
+        raise InvalidFramesError(
+            description,
+            f"frame values range over [{low:g}, {high:g}], outside the 0-255 scale that do_rescale=True expects "
+            "(pass do_rescale=False for values already rescaled)",
+        )
+    if dtype.is_floating_point and 0 < high <= 1:
+        raise InvalidFramesError(
+            description,
+            f"float frames range over [{low:g}, {high:g}]: they look already rescaled to [0, 1], but do_rescale=True "
+            "expects the 0-255 scale; multiply them by 255 or pass do_rescale=False",
+        )
+
+
+def _check_sampling_options(sampling, fps) -> None:
+    if sampling not in SAMPLING_STRATEGIES:
+        raise ValueError(f"sampling must be one of {SAMPLING_STRATEGIES}, got {sampling!r}.")
+    if sampling == "fps" and not (_is_finite_number(fps) and fps > 0):
+        raise ValueError(f'sampling="fps" needs fps, the frames per second to sample, a number > 0; got {fps!r}.')
+    if sampling != "fps" and fps is not None:
+        raise ValueError(
+            f'fps={fps!r} applies only with sampling="fps" (frames 1 / fps seconds apart); with sampling={sampling!r} '
+            'it would be ignored. Pass sampling="fps" too, or leave fps out.'
+        )
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive_sizes(name: str, size, keys) -> None:
+    values = [getattr(size, key) for key in keys]
+    if any(isinstance(value, bool) or not isinstance(value, int) or value < 1 for value in values):
+        raise ValueError(f"{name} must give {' and '.join(keys)} as integers >= 1; got {dict(size)}.")
+
+
+def _channel_values(name: str, value) -> torch.Tensor:
+    """`image_mean` / `image_std` as three float64 values: one number is used for every channel."""
+    values = [value] if _is_finite_number(value) else value
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) not in (1, 3)
+        or not all(_is_finite_number(item) for item in values)
+    ):
+        raise ValueError(f"{name} must be a number or a list of 1 or 3 numbers (one per RGB channel), got {value!r}.")
+    return torch.tensor(values, dtype=torch.float64).expand(3)
 
 
 def _interpolation_mode(resample) -> str:
@@ -332,20 +497,27 @@ def _resized_shape(shape, size) -> tuple[int, int]:
     """Output (height, width) of a resize to `size`: `shortest_edge` keeps the aspect ratio, `height`/`width` not."""
     height, width = shape
     if size.shortest_edge is not None:
+        _check_positive_sizes("size", size, ("shortest_edge",))
         short, long = sorted((height, width))
         new_long = int(long * size.shortest_edge / short + 0.5)
         return (size.shortest_edge, new_long) if height <= width else (new_long, size.shortest_edge)
     if size.height is not None and size.width is not None:
+        _check_positive_sizes("size", size, ("height", "width"))
         return size.height, size.width
     raise ValueError(f"size must give shortest_edge, or height and width; got {dict(size)}.")
 
 
 def _resize(pixels: torch.Tensor, shape: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resize the last two dimensions of a float tensor of any leading shape."""
+    """Resize the last two dimensions of a tensor of any leading shape and dtype to float32.
+
+    Frame by frame: only one frame at a time is held in float32 at the source resolution.
+    """
     if tuple(pixels.shape[-2:]) == tuple(shape):
-        return pixels
+        return pixels.float()
     flat = pixels.reshape(-1, *pixels.shape[-3:])
-    resized = F.interpolate(flat, size=shape, mode=mode, antialias=True, align_corners=False)
+    resized = torch.empty(len(flat), flat.shape[1], *shape, dtype=torch.float32, device=pixels.device)
+    for index, frame in enumerate(flat):
+        resized[index] = F.interpolate(frame[None].float(), size=shape, mode=mode, antialias=True, align_corners=False)
     if mode == "bicubic":  # bicubic overshoots; keep values in the pixel range as PIL does
         resized = resized.clamp(0, 255)
     return resized.reshape(*pixels.shape[:-2], *shape)

@@ -183,7 +183,7 @@ def test_timestampless_raw_stream_is_decoded_linearly_with_an_estimated_count(tm
 def test_stream_shorter_than_its_packets_falls_back_to_its_last_frame(gop_video):
     timeline = video_io._Timeline(pts=None, seek_points={0: None}, total_frames=100, count_frames=True)
     with av.open(str(gop_video)) as container:
-        decoded, _ = video_io._decode_frames(container, container.streams.video[0], timeline, [10, 80, 95], "x")
+        decoded, _, _ = video_io._decode_frames(container, container.streams.video[0], timeline, [10, 80, 95], "x")
     assert sorted(decoded) == [10, 59]  # the stream really ends at frame 59
     frames, indices, total = video_io._gather(decoded, np.array([[10, 80, 95]]), 100)
     assert indices.tolist() == [[10, 59, 59]] and total == 60
@@ -200,7 +200,7 @@ def test_a_seek_landing_after_its_keyframe_falls_back_to_an_earlier_keyframe(gop
     )
     targets = [keyframe + 1, keyframe + 2]
     with av.open(str(gop_video)) as container:
-        decoded, _ = video_io._decode_frames(container, container.streams.video[0], timeline, targets, "x")
+        decoded, _, _ = video_io._decode_frames(container, container.streams.video[0], timeline, targets, "x")
     reference = full_decode(gop_video)
     for target in targets:
         np.testing.assert_array_equal(decoded[target], reference[target])
@@ -264,6 +264,20 @@ def test_short_video_repeats_frames(tmp_path):
         frames, metadata = decode_video(path, 8, sampling)
         assert metadata.frame_indices == expected and frames.shape == (8, 48, 64, 3)
         assert_frames_match_full_decode(frames, metadata, reference)
+
+
+def test_frame_transform_sees_each_decoded_frame_once_and_metadata_keeps_the_source_size(gop_video):
+    frames, metadata = decode_video(gop_video, num_frames=8, num_clips=2)
+    seen = []
+
+    def halve(rgb):
+        seen.append(rgb.shape)
+        return rgb[::2, ::2].copy()
+
+    halved, halved_metadata = decode_video(gop_video, num_frames=8, num_clips=2, frame_transform=halve)
+    np.testing.assert_array_equal(halved, frames[..., ::2, ::2, :])
+    assert (halved_metadata.height, halved_metadata.width) == (metadata.height, metadata.width) == (48, 64)
+    assert seen == [(48, 64, 3)] * len(set(np.ravel(metadata.frame_indices)))
 
 
 def test_bytes_file_like_and_path_sources_agree(gop_video):

@@ -1,5 +1,6 @@
 """StanVideoProcessor and StanProcessor: inputs, sampling, crops, normalisation, batching, save/load, remote code."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 from modeling_stan import StanConfig
 from modeling_stan.processing_stan import StanProcessor
 from modeling_stan.testing_utils import build_tiny_clip_tokenizer
-from modeling_stan.video_processing_stan import StanVideoProcessor
+from modeling_stan.video_processing_stan import StanVideoProcessor, StanVideoProcessorKwargs
 
 
 # CLIP's normalisation constants, written out so that the tests do not read them from the code under test.
@@ -59,6 +60,7 @@ def test_constant_colour_is_rescaled_and_normalised():
 def test_path_bytes_file_numpy_torch_and_frame_lists_give_identical_outputs(video_path, processor):
     frames = full_decode(video_path)  # (T, H, W, 3) uint8
     channels_first = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    # The channel axis is inferred for numpy and torch alike when input_data_format is not given.
     expected = processor(video_path)["pixel_values"]
     assert expected.shape == (1, 4, 3, 32, 32)
     with open(video_path, "rb") as file:
@@ -66,16 +68,74 @@ def test_path_bytes_file_numpy_torch_and_frame_lists_give_identical_outputs(vide
             "path": (str(video_path), {}),
             "bytes": (video_path.read_bytes(), {}),
             "file": (file, {}),
-            "numpy": (frames, {}),
-            "torch uint8": (channels_first, {}),
+            "numpy (T, H, W, C)": (frames, {}),
+            "numpy (T, C, H, W)": (channels_first.numpy(), {}),
+            "torch (T, C, H, W)": (channels_first, {}),
+            "torch (T, H, W, C)": (torch.from_numpy(frames), {}),
             "torch float": (channels_first.float(), {}),
             "numpy frames": (list(frames), {}),
             "PIL frames": ([Image.fromarray(frame) for frame in frames], {}),
-            "channels-last tensor": (torch.from_numpy(frames), {"input_data_format": "channels_last"}),
+            "channels-last tensor, explicit": (torch.from_numpy(frames), {"input_data_format": "channels_last"}),
+            "channels-first numpy, explicit": (channels_first.numpy(), {"input_data_format": "channels_first"}),
+            "(C, H, W) tensor frames": (list(channels_first), {}),
         }
         for name, (video, options) in inputs.items():
             output = processor(video, **options)["pixel_values"]
             torch.testing.assert_close(output, expected, rtol=0, atol=0, msg=name)
+
+
+def test_ambiguous_channel_axis_is_read_as_transformers_reads_it_and_the_explicit_one_is_honoured():
+    # Frames of 3 x 3 pixels: both axes could hold the channels. transformers' infer_channel_dimension_format takes
+    # the first; input_data_format overrides it.
+    video = np.arange(2 * 3 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3, 3)
+    processor = raw_processor(do_sample_frames=False, size={"height": 3, "width": 3}, crop_size=3)
+    inferred = processor(video)["pixel_values"][0]
+    torch.testing.assert_close(inferred, torch.from_numpy(video).float(), rtol=0, atol=0)
+    channels_last = processor(video, input_data_format="channels_last")["pixel_values"][0]
+    torch.testing.assert_close(channels_last, torch.from_numpy(video).permute(0, 3, 1, 2).float(), rtol=0, atol=0)
+
+
+def test_scalar_image_mean_and_std_apply_to_every_channel():
+    video = np.empty((2, 8, 8, 3), np.uint8)
+    video[...] = (255, 0, 51)
+    pixel_values = StanVideoProcessor(num_frames=1, size=8, crop_size=8, image_mean=0.5, image_std=0.25)(video)
+    expected = ((torch.tensor([1.0, 0.0, 0.2]) - 0.5) / 0.25).view(3, 1, 1).expand(3, 8, 8)
+    torch.testing.assert_close(pixel_values["pixel_values"][0, 0], expected)
+    one_item_lists = StanVideoProcessor(num_frames=1, size=8, crop_size=8, image_mean=[0.5], image_std=[0.25])
+    torch.testing.assert_close(one_item_lists(video)["pixel_values"], pixel_values["pixel_values"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"fps": 2}, 'fps=2 applies only with sampling="fps"'),
+        ({"sampling": "fps"}, 'sampling="fps" needs fps'),
+        ({"sampling": "fps", "fps": -1.0}, 'sampling="fps" needs fps'),
+        ({"image_mean": [0.5, 0.5]}, "image_mean must be a number or a list of 1 or 3 numbers"),
+        ({"image_std": 0.0}, "image_std must not be 0"),
+        ({"image_std": float("nan")}, "image_std must be a number or a list of 1 or 3 numbers"),
+        ({"num_frames": 0}, "num_frames must be an integer >= 1"),
+        ({"num_clips": 0}, "num_clips must be an integer >= 1"),
+        ({"frame_stride": 0}, "frame_stride must be an integer >= 1"),
+        ({"size": {"shortest_edge": 0}}, "size must give shortest_edge as integers >= 1"),
+        ({"crop_size": {"height": 0, "width": 4}}, "crop_size must give height and width as integers >= 1"),
+        ({"rescale_factor": float("inf")}, "rescale_factor must be a finite number"),
+    ],
+)
+def test_option_values_are_validated_at_construction_and_call(video_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        StanVideoProcessor(**options)
+    with pytest.raises(ValueError, match=message):
+        StanVideoProcessor(num_frames=2, size=32, crop_size=32)(video_path, **options)
+
+
+def test_fps_sampling_takes_frames_fps_apart(video_path):
+    # 30 frames at 25 fps (test_video_io.encode_video's default); 5 fps is every fifth frame.
+    output = StanVideoProcessor(num_frames=3, size=32, crop_size=32, sampling="fps", fps=5)(
+        video_path, return_metadata=True
+    )
+    indices = output["video_metadata"][0].frame_indices
+    assert [later - earlier for earlier, later in zip(indices, indices[1:])] == [5, 5]
 
 
 def test_given_frames_are_sampled_with_the_decoding_rule(processor):
@@ -182,6 +242,8 @@ def test_bad_inputs_raise_clear_errors(processor, video_path):
         processor(video_path, num_crops=2)
     with pytest.raises(ValueError, match="1 \\(grey\\) or 3 \\(RGB\\) channels"):
         processor(np.zeros((4, 16, 16, 4), np.uint8))
+    with pytest.raises(ValueError, match="1 \\(grey\\) or 3 \\(RGB\\) channels"):
+        processor(np.zeros((4, 16, 16, 4), np.uint8), input_data_format="channels_last")
     with pytest.raises(ValueError, match='sampling="fps" needs frame timestamps'):
         processor(numbered_frames(8), sampling="fps", fps=2)
     with pytest.raises(ValueError, match="mixes single frames and whole videos"):
@@ -240,6 +302,14 @@ def test_processor_combines_text_and_videos(stan_processor, video_path):
     assert set(videos_only) == {"pixel_values"} and videos_only["pixel_values"].shape == (1, 2, 3, 32, 32)
     with pytest.raises(TypeError, match="not images="):
         stan_processor(text=CAPTIONS, images=np.zeros((8, 8, 3)))
+
+
+def test_processor_call_is_annotated_for_transformers_introspection():
+    # transformers reads which inputs a processor takes from the annotated parameters of __call__.
+    parameters = inspect.signature(StanProcessor.__call__).parameters
+    annotated = [name for name, parameter in parameters.items() if parameter.annotation is not parameter.empty]
+    assert annotated == ["text", "videos", "kwargs"]
+    assert StanProcessor.valid_processor_kwargs.__annotations__["videos_kwargs"] is StanVideoProcessorKwargs
 
 
 def test_processor_checks_its_components():
