@@ -68,9 +68,9 @@ def test_soft_targets_and_blending_keep_distributions():
 
 def test_clip_augmentations_keep_shape_and_normalisation():
     args = AugmentationArguments(multi_scale_crop=[1.0, 0.875], flip=0.5, color_jitter=0.8, grayscale=0.2)
-    augmentation = VideoAugmentation(args, [0.5] * 3, [0.25] * 3)
     pixels = (torch.rand(3, 2, 3, 8, 8) - 0.5) / 0.25
-    out = augmentation.clips(pixels)
-    assert out.shape == pixels.shape and out.min() >= -2 - 1e-6 and out.max() <= 2 + 1e-6
+    for mean, std in (([0.5] * 3, [0.25] * 3), (0.5, 0.25)):  # per channel, or one value for all
+        out = VideoAugmentation(args, mean, std).clips(pixels)
+        assert out.shape == pixels.shape and out.min() >= -2 - 1e-6 and out.max() <= 2 + 1e-6
     with pytest.raises(ValueError, match="--flip is a probability"):
         AugmentationArguments(flip=1.5)

@@ -50,8 +50,9 @@ class VideoAugmentation:
 
     def __init__(self, args: AugmentationArguments, mean, std):
         self.args = args
-        self.mean = torch.tensor(mean).view(1, 1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 1, 3, 1, 1)
+        # The processor may give one value for all channels.
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1).expand(3).reshape(1, 1, 3, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1).expand(3).reshape(1, 1, 3, 1, 1)
 
     def clips(self, pixel_values: torch.Tensor) -> torch.Tensor:
         args = self.args
