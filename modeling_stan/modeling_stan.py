@@ -794,8 +794,9 @@ class StanForVideoClassification(StanPreTrainedModel):
 def tokenize_class_prompts(tokenizer, class_names: list[str], template: str, length: int | None = None,
                            budget: int | None = None) -> dict:
     """`template.format(name)` for each class, tokenized; padded to `length` tokens if given (longest otherwise).
-    A prompt of more than `budget` (default `length`) tokens is an error, never silently cut."""
-    prompts = [template.format(name) for name in class_names]
+    Underscores in names read as spaces ("brush_hair": "brush hair"), as ViFi-CLIP writes its prompts. A prompt of
+    more than `budget` (default `length`) tokens is an error, never silently cut."""
+    prompts = [template.format(name.replace("_", " ")) for name in class_names]
     padding = {"padding": True} if length is None else {"padding": "max_length", "max_length": length}
     inputs = tokenizer(prompts, return_tensors="pt", **padding)
     budget = budget or length

@@ -153,6 +153,9 @@ def test_set_class_names_for_zero_shot(tiny_clip_dir):
     model.set_class_names(["up", "down"], tokenizer)
     assert model(pixel_values=random_video()).logits.shape == (2, 2)
     assert model.config.id2label == {0: "up", 1: "down"}
+    model.set_class_names(["left_to_right"], tokenizer)  # identifiers read as words in the prompt
+    expected = tokenizer(["a video of left to right."], padding="max_length", max_length=32)["input_ids"]
+    assert model.class_input_ids.tolist() == expected
     with pytest.raises(ValueError, match="more than the 28 tokens"):
         model.set_class_names(["x" * 40], tokenizer)
 

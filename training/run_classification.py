@@ -291,7 +291,10 @@ class ClassificationScript(TrainingScript):
     def model_config_fields(self, task_args: ClassificationArguments, splits: dict) -> dict:
         return {**task_args.model_config_fields(), "class_names": splits["train"].features["label"].names}
 
-    def prepare_model(self, model, task_args: ClassificationArguments) -> None:
+    def prepare_model(self, model, task_args: ClassificationArguments, processor) -> None:
+        if model.text_model is not None:
+            # A head loaded from a STAN checkpoint of another task (a dual encoder) has no class prompts yet.
+            model.set_class_names(model.class_names(), processor.tokenizer)
         set_trainable_parts(model, task_args.trainable_parts)
 
     def training_collate(self, processor, task_args):
@@ -332,8 +335,7 @@ class ClassificationScript(TrainingScript):
         video_options = data_args.video_options(processor.video_processor)
         loop.task.eval_loaders[name] = accelerator.prepare(
             self.evaluation_dataloader(rows, video_options, task_args, data_args, training_args))
-        # Class names are identifiers ("brush_hair"); prompts are language, as ViFi-CLIP writes them.
-        model.set_class_names([name.replace("_", " ") for name in rows.features["label"].names], processor.tokenizer)
+        model.set_class_names(rows.features["label"].names, processor.tokenizer)
         try:
             return loop.task.evaluate(loop.model, name)
         finally:

@@ -956,8 +956,8 @@ class TrainingScript:
         """The task's `StanConfig` fields (and `from_clip_pretrained` options)."""
         raise NotImplementedError
 
-    def prepare_model(self, model: nn.Module, task_args) -> None:
-        """Adjusts the freshly built model (e.g. freezes parts)."""
+    def prepare_model(self, model: nn.Module, task_args, processor) -> None:
+        """Adjusts the freshly built model (e.g. freezes parts, or tokenizes class names with the processor)."""
 
     def training_collate(self, processor, task_args) -> Callable[[list[dict]], dict]:
         raise NotImplementedError
@@ -981,8 +981,8 @@ class TrainingScript:
         dataset_name, splits = self._splits(accelerator, data_args, task_args, training_args)
         model = load_stan_model(self.model_class, model_path, model_args, training_args.seed,
                                 num_frames=data_args.num_frames, **self.model_config_fields(task_args, splits))
-        self.prepare_model(model, task_args)
         processor = make_processor(model, model_path, data_args.num_frames)
+        self.prepare_model(model, task_args, processor)
         loop = self._training_loop(accelerator, model, processor, splits, data_args, task_args, training_args)
         accelerator.init_trackers(f"stan-{self.card_task}", config=_tracker_config(arguments_dict(*arguments)))
 
