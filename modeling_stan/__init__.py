@@ -10,6 +10,7 @@ from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
 from .configuration_stan import StanConfig
 from .modeling_stan import (
+    NonFiniteInputError,
     StanForVideoClassification,
     StanForVideoTextRetrieval,
     StanModel,
@@ -56,6 +57,7 @@ __all__ = [
     "StanForVideoTextRetrieval",
     "StanForVideoClassification",
     "video_text_contrastive_loss",
+    "NonFiniteInputError",
     "StanVideoProcessor",
     "StanProcessor",
     "VideoDecodeError",

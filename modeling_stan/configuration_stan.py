@@ -32,11 +32,10 @@ class StanConfig(PreTrainedConfig):
         stan_depth (`int`, defaults to 4): number K of STAN layers. `0` removes the branch: the video
             embedding is then the mean of the CLIP frame embeddings (the ViFi-CLIP baseline).
         temporal_module (`str`, defaults to `"attention"`): `"attention"` (STAN-self) or `"conv"`
-            (STAN-conv, the paper's 3D-convolution bottleneck).
+            (STAN-conv: the authors' full-width 3x3x3 convolution over time, rows and columns).
         num_frames (`int`, defaults to 8): frames per clip by default (processor and docs).
         max_frames (`int`, defaults to 64): rows of the temporal embedding, the most frames a clip may have.
         drop_path_rate (`float`, defaults to 0.1): stochastic depth of the last STAN layer (linear from 0).
-        conv_reduction (`int`, defaults to 8): channel reduction of the STAN-conv bottleneck (D -> D/8).
         alignment (`str`, defaults to `"mean"`): video-text score of the retrieval head: `"mean"`
             (cosine of the mean-pooled embeddings) or `"mug"` (Mug-STAN's mutual-guided alignment).
         mug_variant (`str`, defaults to `"simple"`): `"simple"` or `"full"` Mug.
@@ -80,7 +79,6 @@ class StanConfig(PreTrainedConfig):
     num_frames: int = 8
     max_frames: int = 64
     drop_path_rate: float = 0.1
-    conv_reduction: int = 8
     alignment: str = "mean"
     mug_variant: str = "simple"
     mug_lambda: float = 100.0
@@ -121,12 +119,6 @@ class StanConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"StanConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}.")
-        hidden = self.vision_config.hidden_size
-        if not isinstance(self.conv_reduction, int) or self.conv_reduction < 1 or hidden % self.conv_reduction:
-            raise ValueError(
-                f"StanConfig.conv_reduction must be a positive divisor of the vision width {hidden}, "
-                f"got {self.conv_reduction!r}."
-            )
         if self.mug_lambda <= 0:
             raise ValueError(f"StanConfig.mug_lambda must be > 0, got {self.mug_lambda!r}.")
         if self.fixed_logit_scale is not None and self.fixed_logit_scale <= 0:

@@ -136,6 +136,10 @@ class StanVideoClassifierOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class NonFiniteInputError(ValueError):
+    """The model's input holds NaN or infinite values."""
+
+
 def l2_normalize(embeds: torch.Tensor) -> torch.Tensor:
     return F.normalize(embeds, dim=-1, eps=1e-8)
 
@@ -211,27 +215,28 @@ class StanTemporalAttention(nn.Module):
 
 
 class StanTemporalConv(nn.Module):
-    """STAN-conv temporal module: a bottleneck 3D convolution over (time, height, width), identity at initialisation."""
+    """STAN-conv temporal module, as the authors define it (`CLIPLayer_ConvTime`, mode "origin", farewellthree/STAN
+    commit 38de624): a full-width 3x3x3 convolution over (time, rows, cols) of the patch tokens, DropPath, then a
+    zero-initialised D x D `temporal_fc` and the residual. No activation; the module is the identity at
+    initialisation. (The paper's text describes a D/8 bottleneck with a (3, 1, 1) kernel instead; the paper's FLOPs
+    tables match this module, see BENCHMARKS.md.)"""
 
     def __init__(self, config: StanConfig, drop_path_rate: float):
         super().__init__()
         vision_config = config.vision_config
         hidden_size = vision_config.hidden_size
-        bottleneck = hidden_size // config.conv_reduction
-        self.grid_size = vision_config.image_size // vision_config.patch_size
-        self.down = nn.Linear(hidden_size, bottleneck)
-        self.conv = nn.Conv3d(bottleneck, bottleneck, kernel_size=(3, 1, 1), padding=(1, 0, 0))
-        self.activation = nn.GELU()
-        self.up = StanZeroInitLinear(bottleneck, hidden_size)
+        self.grid_rows = vision_config.image_size // vision_config.patch_size
+        self.conv = nn.Conv3d(hidden_size, hidden_size, kernel_size=3, stride=1, padding=1)
+        self.drop_path = StanDropPath(drop_path_rate)
+        self.temporal_fc = StanZeroInitLinear(hidden_size, hidden_size)
 
     def forward(self, patch_tokens: torch.Tensor, num_frames: int, **kwargs) -> torch.Tensor:
-        batch_size, num_tokens, _ = patch_tokens.shape
-        reduced = self.down(patch_tokens)
-        # (B, P*T, d) in (p t) order -> (B, d, T, h, w) for the convolution.
-        grid = reduced.reshape(batch_size, self.grid_size, self.grid_size, num_frames, -1).permute(0, 4, 3, 1, 2)
-        mixed = self.activation(self.conv(grid))
-        mixed = mixed.permute(0, 3, 4, 2, 1).reshape(batch_size, num_tokens, -1)
-        return patch_tokens + self.up(mixed)
+        batch_size, num_tokens, hidden_size = patch_tokens.shape
+        # (B, P*T, D) in (p t) order, p = row * cols + col -> (B, D, T, rows, cols) for the convolution. The column
+        # count is left to reshape so that no size is computed in Python from the data (export-friendly).
+        grid = patch_tokens.reshape(batch_size, self.grid_rows, -1, num_frames, hidden_size).permute(0, 4, 3, 1, 2)
+        mixed = self.conv(grid).permute(0, 3, 4, 2, 1).reshape(batch_size, num_tokens, hidden_size)
+        return patch_tokens + self.temporal_fc(self.drop_path(mixed))
 
 
 TEMPORAL_MODULE_CLASSES = {"attention": StanTemporalAttention, "conv": StanTemporalConv}
@@ -399,6 +404,14 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
         if pixel_values is None or pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"pixel_values must have shape (batch, frames, 3, height, width), got {shape}.")
+        # Skipped while tracing or exporting, where a data-dependent branch cannot be captured, and on the meta
+        # device (FLOP counting), where there are no values.
+        checkable = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or pixel_values.is_meta)
+        if checkable and not torch.isfinite(pixel_values).all():
+            raise NonFiniteInputError(
+                "pixel_values contain NaN or infinite values: the embeddings and scores would be NaN. Check the "
+                "frames given to the processor."
+            )
         num_frames = pixel_values.shape[1]
         if not 1 <= num_frames <= self.config.max_frames:
             raise ValueError(
@@ -706,16 +719,21 @@ class StanForVideoClassification(StanPreTrainedModel):
                 model.init_text_prompts_from_phrase(tokenizer)
             return model
         clip = CLIPModel.from_pretrained(clip_name_or_path, **(clip_kwargs or {}))
-        inputs = tokenize_class_prompts(tokenizer, model.class_names(), model.config.hypothesis_template)
-        with torch.no_grad():
-            text_embeds = clip.get_text_features(**inputs).pooler_output
-        model.init_classifier_from_text(text_embeds)
-        if model.config.fixed_logit_scale is None:
-            model.logit_scale.data.copy_(clip.logit_scale.data)
+        model.init_class_embeddings(clip, tokenizer)
         return model
 
     def class_names(self) -> list[str]:
         return [self.config.id2label[i] for i in range(self.config.num_labels)]
+
+    @torch.no_grad()
+    def init_class_embeddings(self, dual_encoder: nn.Module, tokenizer) -> None:
+        """Starts a class-embedding head from `dual_encoder`'s (a `CLIPModel` or `StanModel`) text embeddings of the
+        class prompts, and from its logit scale unless the scale is fixed."""
+        inputs = tokenize_class_prompts(tokenizer, self.class_names(), self.config.hypothesis_template)
+        inputs = {name: tensor.to(dual_encoder.device) for name, tensor in inputs.items()}
+        self.init_classifier_from_text(dual_encoder.get_text_features(**inputs).pooler_output)
+        if self.config.fixed_logit_scale is None:
+            self.logit_scale.copy_(dual_encoder.logit_scale)
 
     def init_classifier_from_text(self, text_embeds: torch.Tensor) -> None:
         """Sets the class embeddings of a class-embedding head, shape (num_labels, projection_dim)."""

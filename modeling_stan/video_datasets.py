@@ -13,7 +13,8 @@ per video (MSR-VTT train, MSVD) it is the text-to-video ground truth, and `uniqu
 Videos listed in an annotation file but absent on disk (or broken links) are dropped, logged as one warning and
 counted: `build_report(dataset)` returns a `BuildReport` (kept in `dataset.info.description` as JSON). An
 annotation file that does not follow its format raises `AnnotationError`, naming the file, the line or entry, and
-what was expected.
+what was expected: text that is not UTF-8, CSV with broken quoting (read strictly: an unterminated quote is an
+error, not a caption that swallows the rest of the file), and a video id whose path leaves `video_dir` (`..`) too.
 
 Decoding happens on access: `dataset.set_transform(make_decode_transform(num_frames=8))` adds `frames` (or the
 outputs of a video processor) and `decode_error`; a corrupt video gives `decode_error` = its message instead of
@@ -35,6 +36,7 @@ raising, and `SkipCorruptCollator` drops such samples from a batch and counts th
 """
 
 import csv
+import io
 import json
 import logging
 import multiprocessing
@@ -102,10 +104,22 @@ def unique_video_rows(dataset: Dataset) -> list[int]:
 # Reading annotation files
 
 
+def _read_text(path: str | os.PathLike) -> str:
+    """The file's text; a byte sequence that is not UTF-8 is an `AnnotationError` naming its line."""
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise AnnotationError(
+            path, f"line {line}", f"not UTF-8 text (byte {data[error.start]:#04x}); save the file as UTF-8"
+        ) from None
+
+
 def _read_json(path: str | os.PathLike, expected_type: type) -> Any:
     try:
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         where = f"line {error.lineno}, column {error.colno}"
         raise AnnotationError(path, where, f"invalid JSON ({error.msg})") from error
@@ -129,25 +143,32 @@ def _field(entry: Any, key: str, path: str | os.PathLike, where: str, expected_t
 def _read_csv(
     path: str | os.PathLike, required: Sequence[str], delimiter: str = ","
 ) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) pairs of a CSV file with a header that has at least the `required` columns."""
-    with open(path, encoding="utf-8", newline="") as file:
-        reader = csv.DictReader(file, delimiter=delimiter)
+    """(line number, row) pairs of a CSV file with a header that has at least the `required` columns.
+
+    Quoting is strict: an unterminated quote is an error, not a field that swallows the rest of the file."""
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, strict=True)
+    rows, last_line = [], 0
+    try:
         absent = [column for column in required if column not in (reader.fieldnames or [])]
         if absent:
             raise AnnotationError(path, "line 1 (header)", f"expected columns {list(required)}, missing {absent}")
-        rows = []
+        last_line = reader.line_num
         for row in reader:
             empty = [column for column in required if not row.get(column)]
             if empty:
                 raise AnnotationError(path, f"line {reader.line_num}", f"empty or missing value for {empty}")
             rows.append((reader.line_num, row))
+            last_line = reader.line_num
+    except csv.Error as error:
+        # The reader has not counted the lines of the record it failed on: it starts after the last good one.
+        raise AnnotationError(path, f"line {last_line + 1}", f"malformed CSV ({error})") from None
     return rows
 
 
 def _read_lines(path: str | os.PathLike, comment: str | None = None) -> list[tuple[int, str]]:
     """(line number, stripped text) of the non-blank lines, without those starting with `comment`."""
-    with open(path, encoding="utf-8") as file:
-        lines = [(number, line.strip()) for number, line in enumerate(file, start=1)]
+    # newline=None: universal newlines, as `open` in text mode would read them.
+    lines = [(number, line.strip()) for number, line in enumerate(io.StringIO(_read_text(path), newline=None), 1)]
     return [(number, line) for number, line in lines if line and not (comment and line.startswith(comment))]
 
 
@@ -191,6 +212,18 @@ def _video_root(video_dir: str | os.PathLike) -> str:
     return os.path.abspath(video_dir)
 
 
+def _check_inside(records: list[_Record], video_dir: str, annotation_files: Sequence) -> None:
+    """Video paths built from annotations must stay inside `video_dir` (a `..` in an id would read elsewhere)."""
+    inside = os.path.join(video_dir, "")
+    for record in records:
+        if not os.path.normpath(record.path).startswith(inside):
+            raise AnnotationError(
+                annotation_files[0] if annotation_files else video_dir,
+                f"video {record.video_id!r}",
+                f"its path {record.path} leaves the video folder {video_dir}",
+            )
+
+
 def _drop_missing(records: list[_Record]) -> tuple[list[_Record], list[str]]:
     """The records whose video file exists, and the distinct missing paths in order of first appearance."""
     exists: dict[str, bool] = {}
@@ -208,6 +241,7 @@ def _assemble(
     features: Features,
 ) -> Dataset:
     """The dataset of the records whose video exists, with its `BuildReport`; `features` picks the schema."""
+    _check_inside(records, video_dir, annotation_files)
     kept, missing = _drop_missing(records)
     if missing:
         logger.warning(
@@ -697,7 +731,9 @@ class VideoDecodeTransform:
         good = [i for i, clip in enumerate(clips) if clip is not None]
         if not good:
             return {}
-        processed = self.video_processor([clips[i] for i in good], return_tensors="pt", **self.processor_options)
+        # The clips hold exactly the sampled frames already: sampling them again would drop and repeat frames.
+        options = {**self.processor_options, "do_sample_frames": False}
+        processed = self.video_processor([clips[i] for i in good], return_tensors="pt", **options)
         columns = {}
         for key, values in processed.items():
             column = [None] * len(clips)
@@ -722,13 +758,16 @@ def make_decode_transform(
 
     Each batch keeps its columns and gains `decode_error` (None, or the error message of a video that could not be
     decoded), plus either `frames` (`(num_frames, H, W, 3)` uint8 arrays) or, with `video_processor`, the
-    processor's outputs (e.g. `pixel_values_videos`), one tensor per sample. Corrupt samples get None there instead
-    of raising; `SkipCorruptCollator` drops and counts them. The transform is picklable (DataLoader workers).
+    processor's outputs (e.g. `pixel_values`), one tensor per sample: exactly what the processor returns for the
+    video given as a path with the same `num_frames` and `sampling` (the frames are sampled once, when decoding).
+    Corrupt samples get None there instead of raising; `SkipCorruptCollator` drops and counts them. The transform
+    is picklable (DataLoader workers).
 
     Args:
         num_frames, sampling, train: passed to `decode_video`.
-        video_processor: called as `video_processor(list_of_clips, return_tensors="pt", **processor_options)` (a
-            transformers video processor, or any callable returning a mapping of batched outputs).
+        video_processor: called as `video_processor(list_of_clips, return_tensors="pt", do_sample_frames=False,
+            **processor_options)` (a transformers video processor, or any callable taking those arguments and
+            returning a mapping of batched outputs).
         video_column: the column of video paths.
         seed: seeds a generator of the transform's own for training-time sampling (reproducible runs).
         decode_options: more keyword arguments of `decode_video` (`frame_stride`, `target_fps`, `num_clips`).

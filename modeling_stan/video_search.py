@@ -1,133 +1,59 @@
 """Text-to-video search over a folder of videos with a STAN video-text model.
 
-    python -m modeling_stan.video_search index --model DIR --videos FOLDER --index videos.safetensors
-    python -m modeling_stan.video_search query --model DIR --index videos.safetensors "a red square moves" --top_k 5
+    python -m modeling_stan.video_search index --model DIR --videos FOLDER --index videos.sqlite
+    python -m modeling_stan.video_search query --model DIR --index videos.sqlite "a red square moves" --top_k 5
 
 `index` embeds every video under FOLDER (recursively, by extension) in batches and stores the embeddings with the
-videos' paths in a safetensors file. It is resumable: a video whose path, size and modification time match the index
-is not embedded again, new and changed videos are, deleted ones are dropped, and the index is saved every
-`--save_every` videos so an interrupted run loses little. Videos that cannot be read are skipped, listed in the
-index metadata and printed; they are retried only when their file changes.
+videos' paths in an SQLite database (`video_index`): each batch is committed as it is embedded, so an interrupted run
+(Ctrl-C, an exception, a killed process) loses at most the batch in flight and a rerun goes on from there. A video
+whose path, size and modification time match the index is not embedded again, new and changed videos are, deleted
+ones are dropped. Videos that cannot be read, or whose embedding comes out non-finite, are not stored: they are
+listed in the index and printed, and retried only when their file changes.
 
-`query` ranks the indexed videos for a sentence. With `--dsl` the scores are re-ranked with the dual softmax (DSL)
-against the index's query bank (the sentences given to `index --queries` and, unless `--no_remember`, every past
-query): a video that matches many other queries is damped, one that matches this query in particular is favoured.
+`query` ranks the indexed videos for a sentence, reading one consistent snapshot of the index; it writes nothing
+unless `--remember` adds the sentence to the query bank. With `--dsl` the scores are re-ranked with the dual softmax
+(DSL) against the index's query bank (the sentences given to `index --queries` and the remembered queries): a video
+that matches other queries better than this one is damped, one that matches this query in particular is favoured.
+
+`faiss` stores a FAISS index of the embeddings in the index file (the `faiss` extra); `query --faiss` then searches
+it without loading every embedding, for folders of millions of videos. Brute force over the stored matrix stays the
+default. `import` converts, once, an index written by the earlier safetensors version of this tool.
 """
 
 import argparse
-import dataclasses
-import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .metrics import dual_softmax
 from .modeling_stan import StanForVideoTextRetrieval
 from .processing_stan import StanProcessor
+from .video_index import (
+    EmbeddedVideo,
+    FailedVideo,
+    IndexSettings,
+    IndexStore,
+    VideoFile,
+    VideoIndex,
+    VideoSearchError,
+    import_safetensors_index,
+)
 
 
-INDEX_FORMAT = "stan-video-index/1"
-_METADATA_KEY = "stan_video_index"
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts", ".ogv"}
 )
 # Failures a single unreadable video may raise while it is decoded and processed (decoders raise ValueError
 # subclasses, missing or unreadable files OSError); anything else is a bug and stops the run.
 _VIDEO_ERRORS = (OSError, ValueError, RuntimeError)
-
-
-class VideoSearchError(ValueError):
-    """The index, the folder or the model cannot be used together: the message names which and why."""
-
-
-@dataclass(frozen=True)
-class VideoFile:
-    """A video of the folder, identified by its path relative to the folder, its size and modification time."""
-
-    path: str
-    size: int
-    mtime_ns: int
-
-
-@dataclass(frozen=True)
-class FailedVideo:
-    path: str
-    size: int
-    mtime_ns: int
-    error: str
-
-
-@dataclass
-class VideoIndex:
-    """Embeddings of the videos of one folder, made by one model.
-
-    `video_embeds[i]` (and `frame_embeds[i]`, kept for Mug-STAN models) belong to `videos[i]`; embeddings are the
-    model's projected outputs, not normalised.
-    """
-
-    root: str
-    model: str
-    num_frames: int
-    videos: list[VideoFile] = field(default_factory=list)
-    video_embeds: torch.Tensor | None = None
-    frame_embeds: torch.Tensor | None = None
-    failed: list[FailedVideo] = field(default_factory=list)
-    query_bank: list[str] = field(default_factory=list)
-
-    def save(self, path: str | Path) -> None:
-        """Writes the index atomically (a partially written file never replaces a good one)."""
-        path = Path(path)
-        tensors = {"video_embeds": self.video_embeds.contiguous()}
-        if self.frame_embeds is not None:
-            tensors["frame_embeds"] = self.frame_embeds.contiguous()
-        metadata = {
-            "format": INDEX_FORMAT,
-            "root": self.root,
-            "model": self.model,
-            "num_frames": self.num_frames,
-            "videos": [dataclasses.astuple(video) for video in self.videos],
-            "failed": [dataclasses.asdict(failure) for failure in self.failed],
-            "query_bank": self.query_bank,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        save_file(tensors, str(partial), metadata={_METADATA_KEY: json.dumps(metadata)})
-        os.replace(partial, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "VideoIndex":
-        path = Path(path)
-        if not path.is_file():
-            raise VideoSearchError(f"{path}: no such index file; build it with `video_search index`.")
-        try:
-            with safe_open(str(path), framework="pt") as file:
-                metadata = json.loads((file.metadata() or {})[_METADATA_KEY])
-                tensors = {name: file.get_tensor(name) for name in file.keys()}
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
-            raise VideoSearchError(
-                f"{path}: not a video index written by modeling_stan.video_search ({error})."
-            ) from error
-        if metadata.get("format") != INDEX_FORMAT:
-            raise VideoSearchError(f"{path}: index format {metadata.get('format')!r}, expected {INDEX_FORMAT!r}.")
-        return cls(
-            root=metadata["root"],
-            model=metadata["model"],
-            num_frames=metadata["num_frames"],
-            videos=[VideoFile(*video) for video in metadata["videos"]],
-            video_embeds=tensors["video_embeds"],
-            frame_embeds=tensors.get("frame_embeds"),
-            failed=[FailedVideo(**failure) for failure in metadata["failed"]],
-            query_bank=metadata["query_bank"],
-        )
-
-    def absolute_path(self, video: VideoFile) -> Path:
-        return Path(self.root) / video.path
+NON_FINITE_EMBEDDING = "the model produced a non-finite embedding (NaN or inf) for this video"
+# The similarities DSL re-ranks (cosines, or Mug-STAN's weighted means of cosines) are >= -1: shifted by this they
+# are >= 0, so the dual softmax's weight can only damp a score, never turn a negative one into a win.
+_SIMILARITY_LOWER_BOUND = -1.0
 
 
 @dataclass
@@ -218,7 +144,6 @@ def build_index(
     batch_size: int = 8,
     num_workers: int = 0,
     num_frames: int | None = None,
-    save_every: int = 1000,
     queries: list[str] = (),
     rebuild: bool = False,
     progress: bool = True,
@@ -227,122 +152,80 @@ def build_index(
 
     `model_name` identifies the model in the index (`model_identity(model_dir)`): an existing index made by another
     model, for another folder or with another `num_frames` is refused unless `rebuild=True`. `queries` are added to
-    the query bank used by DSL re-ranking.
+    the query bank used by DSL re-ranking. Each batch is committed as soon as it is embedded.
     """
     root = Path(videos_dir).resolve()
     current = scan_videos(root)
-    index = _existing_index(index_path, rebuild)
-    num_frames = num_frames or (index.num_frames if index else model.config.num_frames)
-    if index is None:
-        index = VideoIndex(root=str(root), model=model_name, num_frames=num_frames)
-    _check_compatible(index, index_path, root, model_name, num_frames)
-
-    present = set(current)
-    kept = [i for i, video in enumerate(index.videos) if video in present]
-    current_paths = {video.path for video in current}
-    removed = sum(video.path not in current_paths for video in index.videos)
-    _keep_rows(index, kept, model)
-    # A failure is kept (and the video not retried) while its file stays as it was.
-    index.failed = [f for f in index.failed if VideoFile(f.path, f.size, f.mtime_ns) in present]
-    known_unreadable = {VideoFile(f.path, f.size, f.mtime_ns) for f in index.failed}
-    done = set(index.videos)
-    todo = [v for v in current if v not in done and v not in known_unreadable]
-    index.query_bank = _merged_bank(index.query_bank, queries)
-
-    embedded = _embed_videos(index, index_path, model, processor, todo, batch_size, num_workers, save_every, progress)
-    index.save(index_path)
+    with _open_for_indexing(Path(index_path), model, root, model_name, num_frames, rebuild) as store:
+        removed = store.forget_absent(current)
+        indexed, failed = store.entries()
+        # A failure is kept (and the video not retried) while its file stays as it was.
+        known_unreadable = {failure.file for failure in failed}
+        todo = [video for video in current if video not in indexed and video not in known_unreadable]
+        store.add_queries(queries)
+        embedded = _embed_videos(store, model, processor, root, todo, batch_size, num_workers, progress)
+        indexed, failed = store.entries()
     return IndexReport(
-        embedded=embedded,
-        skipped=len(current) - len(todo),
-        removed=removed,
-        failed=list(index.failed),
-        total=len(index.videos),
+        embedded=embedded, skipped=len(current) - len(todo), removed=removed, failed=failed, total=len(indexed)
     )
 
 
-def _existing_index(index_path, rebuild: bool) -> VideoIndex | None:
-    if rebuild or not Path(index_path).exists():
-        return None
-    return VideoIndex.load(index_path)
-
-
-def _check_compatible(index: VideoIndex, index_path, root: Path, model_name: str, num_frames: int) -> None:
+def _open_for_indexing(index_path: Path, model, root: Path, model_name: str, num_frames, rebuild: bool) -> IndexStore:
+    store = None if rebuild or not index_path.exists() else IndexStore.open(index_path)
+    settings = IndexSettings(
+        root=str(root),
+        model=model_name,
+        num_frames=num_frames or (store.settings.num_frames if store else model.config.num_frames),
+        embed_dim=model.config.projection_dim,
+        frame_embeds=model.config.alignment == "mug",
+    )
+    if store is None:
+        return IndexStore.create(index_path, settings, replace=rebuild)
     mismatches = [
-        f"{what} {theirs!r} (now {ours!r})"
-        for what, theirs, ours in (
-            ("folder", index.root, str(root)),
-            ("model", index.model, model_name),
-            ("num_frames", index.num_frames, num_frames),
-        )
-        if theirs != ours
+        f"{what} {getattr(store.settings, name)!r} (now {getattr(settings, name)!r})"
+        for what, name in (("folder", "root"), ("model", "model"), ("num_frames", "num_frames"))
+        if getattr(store.settings, name) != getattr(settings, name)
     ]
     if mismatches:
+        store.close()
         raise VideoSearchError(
             f"{index_path} was built with {', '.join(mismatches)}; its embeddings cannot be mixed with new ones. "
             "Use another index file or rebuild it (--rebuild)."
         )
+    return store
 
 
-def _keep_rows(index: VideoIndex, rows: list[int], model) -> None:
-    """Keeps the given rows of the index; an empty index gets empty tensors of the model's embedding size."""
-    if index.video_embeds is None:
-        size = model.config.projection_dim
-        index.video_embeds = torch.empty(0, size)
-        if model.config.alignment == "mug":
-            index.frame_embeds = torch.empty(0, index.num_frames, size)
-    selection = torch.tensor(rows, dtype=torch.long)
-    index.videos = [index.videos[i] for i in rows]
-    index.video_embeds = index.video_embeds[selection]
-    if index.frame_embeds is not None:
-        index.frame_embeds = index.frame_embeds[selection]
-
-
-def _merged_bank(bank: list[str], queries) -> list[str]:
-    return list(dict.fromkeys([*bank, *(q.strip() for q in queries if q.strip())]))
-
-
-def _embed_videos(index, index_path, model, processor, todo, batch_size, num_workers, save_every, progress):
-    """Embeds `todo` into `index`, saving it every `save_every` videos; returns how many were embedded."""
-    dataset = _DecodedVideos(Path(index.root), todo, processor.video_processor, index.num_frames)
+def _embed_videos(store: IndexStore, model, processor, root, todo, batch_size, num_workers, progress) -> int:
+    """Embeds `todo` batch by batch, committing each batch to `store`; returns how many videos were stored."""
+    dataset = _DecodedVideos(root, todo, processor.video_processor, store.settings.num_frames)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
-    # New embeddings wait in a list and join the index tensors at each save, so the index is not copied per batch.
-    pending, embedded, since_save = [], 0, 0
+    embedded = 0
     with tqdm(total=len(todo), unit="video", desc="embedding", disable=not progress) as bar:
         for batch in loader:
+            failed = [FailedVideo(video.path, video.size, video.mtime_ns, error) for video, _, error in batch if error]
             good = [(video, frames) for video, frames, error in batch if error is None]
-            index.failed.extend(
-                FailedVideo(video.path, video.size, video.mtime_ns, error) for video, _, error in batch if error
-            )
-            if good:
-                pending.append(_embed_batch(model, good))
-                embedded += len(good)
+            rows = _embed_batch(model, good) if good else []
+            finite = [row for row in rows if row.is_finite()]
+            failed += [
+                FailedVideo(row.video.path, row.video.size, row.video.mtime_ns, NON_FINITE_EMBEDDING)
+                for row in rows if not row.is_finite()
+            ]
+            store.add_batch(finite, failed)
+            embedded += len(finite)
             bar.update(len(batch))
-            since_save += len(batch)
-            if since_save >= save_every:
-                _merge_pending(index, pending)
-                index.save(index_path)
-                since_save = 0
-    _merge_pending(index, pending)
     return embedded
 
 
 @torch.no_grad()
-def _embed_batch(model, good: list) -> tuple:
-    """(videos, pooled embeddings, frame embeddings) of one batch of decoded videos, on the CPU."""
+def _embed_batch(model, good: list) -> list[EmbeddedVideo]:
+    """The embeddings of one batch of decoded videos, on the CPU."""
     pixel_values = torch.stack([frames for _, frames in good]).to(model.device, model.dtype)
     outputs = model.get_video_features(pixel_values)
-    return [video for video, _ in good], outputs.pooler_output.float().cpu(), outputs.frame_embeds.float().cpu()
-
-
-def _merge_pending(index: VideoIndex, pending: list) -> None:
-    if not pending:
-        return
-    videos, pooled, frames = zip(*pending)
-    index.videos.extend(video for batch in videos for video in batch)
-    index.video_embeds = torch.cat([index.video_embeds, *pooled])
-    if index.frame_embeds is not None:
-        index.frame_embeds = torch.cat([index.frame_embeds, *frames])
-    pending.clear()
+    pooled, frames = outputs.pooler_output.float().cpu().numpy(), outputs.frame_embeds.float().cpu().numpy()
+    keep_frames = model.config.alignment == "mug"
+    return [
+        EmbeddedVideo(video, pooled[row], frames[row] if keep_frames else None) for row, (video, _) in enumerate(good)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,24 +240,50 @@ def search(
     """The `top_k` indexed videos that best match `query`, best first.
 
     Scores are the model's unscaled similarities (cosine, or Mug-STAN's alignment score); with `dsl=True` they are
-    the dual-softmax re-ranked scores against the index's query bank (`metrics.dual_softmax`).
+    `dsl_rerank` of them against the index's query bank, which must hold other sentences than `query`.
     """
-    if not isinstance(query, str) or not query.strip():
-        raise VideoSearchError(f"query must be a non-empty sentence, got {query!r}.")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise VideoSearchError(f"top_k must be an integer >= 1, got {top_k!r}.")
+    _check_query(query, top_k)
+    bank = [text for text in index.query_bank if text != query] if dsl else []
+    if dsl and not bank:
+        raise VideoSearchError(
+            "DSL re-ranking compares the query with the other sentences of the index's query bank, and the bank "
+            "holds none: with the query alone the dual softmax would leave every score as it is. Fill the bank with "
+            "`index --queries FILE` (one sentence a line) or `query --remember`, or search without --dsl."
+        )
     if not index.videos:
         return []
-    texts = [query] + ([text for text in index.query_bank if text != query] if dsl else [])
-    scores = _similarity(index, model, processor, texts)
+    scores = _similarity(index, model, processor, [query, *bank])
+    if not torch.isfinite(scores).all():
+        raise VideoSearchError(
+            f"the model produced non-finite similarities for {query!r} (its text embedding is NaN or inf)."
+        )
     if dsl:
-        # Each video's column is normalised over the query and the bank, so the query's row is re-ranked.
-        scores = dual_softmax(scores, lam=dsl_lambda, axis=0)
+        scores = dsl_rerank(scores, dsl_lambda)
     values, rows = scores[0].topk(min(top_k, len(index.videos)))
     return [
         SearchHit(rank=rank, score=value, path=index.absolute_path(index.videos[row]))
         for rank, (value, row) in enumerate(zip(values.tolist(), rows.tolist()), start=1)
     ]
+
+
+def _check_query(query, top_k) -> None:
+    if not isinstance(query, str) or not query.strip():
+        raise VideoSearchError(f"query must be a non-empty sentence, got {query!r}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise VideoSearchError(f"top_k must be an integer >= 1, got {top_k!r}.")
+
+
+def dsl_rerank(scores: torch.Tensor, lam: float = 100.0) -> torch.Tensor:
+    """Dual-softmax re-ranking of `(texts, videos)` similarities for text -> video search (row 0 is the query).
+
+    `metrics.dual_softmax` of the similarities shifted to be non-negative: each video's score is its shifted
+    similarity times the softmax of `lam * similarity` over the texts (its column). Unshifted, a negative similarity
+    times a near-zero weight (a video that matches another sentence far better) would rise to about 0, above every
+    video that matches nothing better; shifted, that weight can only lower a score. The shift does not change the
+    softmax (it is invariant to adding a constant), so positive-similarity rankings are those of plain DSL up to the
+    factor `(1 + s) / s`.
+    """
+    return dual_softmax(scores - _SIMILARITY_LOWER_BOUND, lam=lam, axis=0)
 
 
 def _similarity(index: VideoIndex, model, processor, texts: list[str]) -> torch.Tensor:
@@ -392,6 +301,76 @@ def _similarity(index: VideoIndex, model, processor, texts: list[str]) -> torch.
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FAISS (the `faiss` extra): approximate search without loading the whole index
+# ----------------------------------------------------------------------------------------------------------------
+
+DEFAULT_FAISS_FACTORY = "HNSW32"
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise VideoSearchError("FAISS search needs the faiss extra: pip install 'stan-video[faiss]'.") from None
+    return faiss
+
+
+def build_faiss_index(index_path: str | Path, factory: str = DEFAULT_FAISS_FACTORY) -> int:
+    """Builds a FAISS index of the normalised video embeddings (inner product = cosine) and stores it in the index
+    file; returns how many videos it holds. `factory` is a `faiss.index_factory` description: `"HNSW32"` (default,
+    a graph over the full vectors), `"Flat"` (exact), `"IVF1024,PQ64"` (compressed, for millions of videos)."""
+    faiss = _faiss()
+    with IndexStore.open(index_path) as store:
+        if store.settings.frame_embeds:
+            raise VideoSearchError("A Mug-STAN index scores with frame and token embeddings: FAISS cannot serve it.")
+        index = store.snapshot()
+        vectors = torch.nn.functional.normalize(index.video_embeds, dim=-1).numpy()
+        try:
+            searchable = faiss.IndexIDMap2(
+                faiss.index_factory(store.settings.embed_dim, factory, faiss.METRIC_INNER_PRODUCT)
+            )
+            if not searchable.is_trained:
+                searchable.train(vectors)
+            searchable.add_with_ids(vectors, np.asarray(index.row_ids, dtype=np.int64))
+        except RuntimeError as error:  # faiss reports a bad factory string or too few vectors to train this way
+            raise VideoSearchError(f"FAISS could not build {factory!r} over {len(vectors)} videos: {error}") from None
+        store.save_faiss_index(factory, faiss.serialize_index(searchable).tobytes())
+    return len(vectors)
+
+
+@torch.no_grad()
+def search_faiss(index_path: str | Path, model, processor, query: str, *, top_k: int = 5) -> list[SearchHit]:
+    """`search` through the FAISS index stored by `build_faiss_index`: the embeddings are not loaded, and scores are
+    the cosine similarities FAISS finds (exact with `"Flat"` and `"HNSW32"`, approximate with compressed factories)."""
+    _check_query(query, top_k)
+    faiss = _faiss()
+    with IndexStore.open(index_path, verify=False) as store, store.reading():
+        stored = store.faiss_index()
+        if stored is None:
+            raise VideoSearchError(f"{index_path} has no FAISS index; build it with `video_search faiss`.")
+        searchable = faiss.deserialize_index(np.frombuffer(stored[1], dtype=np.uint8))
+        row_ids = store.row_ids()
+        if sorted(faiss.vector_to_array(searchable.id_map).tolist()) != row_ids:
+            raise VideoSearchError(
+                f"{index_path}: the FAISS index is older than the videos indexed since; rebuild it with "
+                "`video_search faiss` (or search without --faiss)."
+            )
+        inputs = processor.tokenizer([query], padding=True, truncation=True, return_tensors="pt").to(model.device)
+        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+        text = torch.nn.functional.normalize(text.float(), dim=-1).cpu().numpy()
+        if not np.isfinite(text).all():
+            raise VideoSearchError(f"the model produced a non-finite text embedding for {query!r}.")
+        scores, ids = searchable.search(text, min(top_k, len(row_ids)))
+        found = [(score, row_id) for score, row_id in zip(scores[0].tolist(), ids[0].tolist()) if row_id >= 0]
+        videos = store.videos_at([row_id for _, row_id in found])
+    root = Path(store.settings.root)
+    return [
+        SearchHit(rank=rank, score=score, path=root / video.path)
+        for rank, ((score, _), video) in enumerate(zip(found, videos), start=1)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -403,11 +382,12 @@ def _parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="embed the videos of a folder (resumable)")
     index.add_argument("--model", required=True, help="STAN checkpoint directory (model + processor)")
     index.add_argument("--videos", required=True, help="folder of videos, searched recursively")
-    index.add_argument("--index", required=True, help="index file to create or update (.safetensors)")
-    index.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    index.add_argument("--index", required=True, help="index file to create or update (e.g. videos.sqlite)")
+    index.add_argument(
+        "--batch_size", "--batch-size", type=int, default=8, help="videos embedded (and committed) together"
+    )
     index.add_argument("--num_workers", "--num-workers", type=int, default=0, help="decoding worker processes")
     index.add_argument("--num_frames", "--num-frames", type=int, help="frames per video (default: the model's)")
-    index.add_argument("--save_every", "--save-every", type=int, default=1000, help="save the index every N videos")
     index.add_argument("--queries", help="text file, one query per line, added to the DSL query bank")
     index.add_argument("--rebuild", action="store_true", help="discard an existing index instead of updating it")
 
@@ -417,7 +397,16 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--index", required=True)
     query.add_argument("--top_k", "--top-k", type=int, default=5)
     query.add_argument("--dsl", action="store_true", help="re-rank with the dual softmax against the query bank")
-    query.add_argument("--no_remember", "--no-remember", action="store_true", help="do not add the query to the bank")
+    query.add_argument("--remember", action="store_true", help="add the query to the index's DSL query bank")
+    query.add_argument("--faiss", action="store_true", help="search with the stored FAISS index (`faiss` command)")
+
+    faiss = commands.add_parser("faiss", help="build (or rebuild) the index's FAISS index (the faiss extra)")
+    faiss.add_argument("--index", required=True)
+    faiss.add_argument("--factory", default=DEFAULT_FAISS_FACTORY, help="faiss.index_factory description")
+
+    importer = commands.add_parser("import", help="convert an index of the earlier safetensors format, once")
+    importer.add_argument("--from", dest="source", required=True, help="the .safetensors index")
+    importer.add_argument("--index", required=True, help="the new index file to write (e.g. videos.sqlite)")
     return parser
 
 
@@ -433,7 +422,6 @@ def _run_index(args) -> None:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         num_frames=args.num_frames,
-        save_every=args.save_every,
         queries=queries,
         rebuild=args.rebuild,
     )
@@ -442,30 +430,61 @@ def _run_index(args) -> None:
         f"known unreadable, {report.removed} removed)"
     )
     for failure in report.failed:
-        print(f"unreadable: {failure.path} ({failure.error})")
+        print(f"not indexed: {failure.path} ({failure.error})")
 
 
 def _run_query(args) -> None:
-    index = VideoIndex.load(args.index)
-    if index.model != model_identity(args.model):
-        raise VideoSearchError(
-            f"{args.index} was built with model {index.model!r}, not {model_identity(args.model)!r}."
-        )
+    if args.faiss and args.dsl:
+        raise VideoSearchError("--dsl needs every video's score for every bank sentence; it cannot use --faiss.")
+    with IndexStore.open(args.index, verify=not args.faiss) as store:
+        index = None if args.faiss else store.snapshot()
+        built_with, failed = store.settings.model, (index.failed if index else store.entries()[1])
+    if built_with != model_identity(args.model):
+        raise VideoSearchError(f"{args.index} was built with model {built_with!r}, not {model_identity(args.model)!r}.")
     model, processor = load_search_model(args.model)
-    for hit in search(index, model, processor, args.text, top_k=args.top_k, dsl=args.dsl):
-        print(f"{hit.rank:>3}  {hit.score:.4f}  {hit.path}")
-    if index.failed:
-        print(f"({len(index.failed)} unreadable videos are not indexed; `index` lists them)")
-    if not args.no_remember and args.text not in index.query_bank:
-        index.query_bank.append(args.text)
-        index.save(args.index)
+    if args.faiss:
+        hits = search_faiss(args.index, model, processor, args.text, top_k=args.top_k)
+    else:
+        hits = search(index, model, processor, args.text, top_k=args.top_k, dsl=args.dsl)
+    score_format = _score_format([hit.score for hit in hits])
+    for hit in hits:
+        print(f"{hit.rank:>3}  {hit.score:{score_format}}  {hit.path}")
+    if failed:
+        print(f"({len(failed)} videos could not be indexed; `index` lists them)")
+    if args.remember:
+        with IndexStore.open(args.index, verify=False) as store:
+            store.add_queries([args.text])
+
+
+def _score_format(scores: list[float]) -> str:
+    """The shortest `g` format (4 significant digits or more) that prints different scores differently: DSL scores
+    span many orders of magnitude, so a fixed number of decimals would print most of them as 0."""
+    for digits in range(4, 17):
+        if len({f"{score:.{digits}g}" for score in scores}) == len(set(scores)):
+            return f".{digits}g"
+    return ".17g"
+
+
+def _run_import(args) -> None:
+    imported, left_out = import_safetensors_index(args.source, args.index)
+    print(f"{args.index}: {imported} videos imported from {args.source}" + (
+        f"; {left_out} with a non-finite embedding left out (the next `index` run embeds them again)"
+        if left_out else ""
+    ))
+
+
+def _run_faiss(args) -> None:
+    print(f"{args.index}: FAISS index {args.factory!r} of {build_faiss_index(args.index, args.factory)} videos stored")
+
+
+_COMMANDS = {"index": _run_index, "query": _run_query, "import": _run_import, "faiss": _run_faiss}
 
 
 def main(argv=None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        _run_index(args) if args.command == "index" else _run_query(args)
+        _COMMANDS[args.command](args)
     except VideoSearchError as error:
         parser.exit(2, f"error: {error}\n")
 

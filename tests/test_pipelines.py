@@ -1,6 +1,7 @@
 """The `zero-shot-video-classification` pipeline and transformers' `video-classification` pipeline on tiny local STAN
 checkpoints: every input form, batching, errors, the registered task, and remote code in a fresh process."""
 
+import copy
 import json
 import os
 import subprocess
@@ -163,6 +164,10 @@ def test_real_videos(zero_shot, retrieval):
         ({"candidate_labels": ["ok", ""]}, ValueError, "non-empty list"),
         ({"candidate_labels": LABELS, "hypothesis_template": "no placeholder"}, ValueError, "containing '{}'"),
         ({"candidate_labels": LABELS, "top_k": 0}, ValueError, "top_k must be an integer >= 1"),
+        ({"candidate_labels": LABELS, "hypothesis_template": "{} and {}"}, ValueError, "exactly once"),
+        ({"candidate_labels": LABELS, "hypothesis_template": "{label}"}, ValueError, "exactly once"),
+        ({"candidate_labels": LABELS, "num_frames": 0}, ValueError, "num_frames must be an integer >= 1"),
+        ({"candidate_labels": LABELS, "on_error": "ignore"}, ValueError, "on_error must be one of"),
     ],
 )
 def test_bad_arguments_are_refused(zero_shot, video_path, kwargs, error, message):
@@ -177,6 +182,53 @@ def test_bad_videos_are_refused_with_their_cause(zero_shot, tmp_path):
         zero_shot(b"not a video at all", candidate_labels=LABELS)
     with pytest.raises(FileNotFoundError):
         zero_shot(str(tmp_path / "missing.mp4"), candidate_labels=LABELS)
+
+
+def test_a_bad_video_in_a_batch_is_reported_and_the_others_are_scored(zero_shot, video_path, tmp_path):
+    frames = _all_frames(video_path)
+    videos = [str(video_path), b"not a video at all", frames[::-1], str(tmp_path / "missing.mp4")]
+    singles = {i: _as_dict(zero_shot(videos[i], candidate_labels=LABELS)) for i in (0, 2)}
+    for batch_size in (1, 3):
+        results = zero_shot(videos, candidate_labels=LABELS, batch_size=batch_size)
+        assert len(results) == 4
+        for i, single in singles.items():
+            assert _as_dict(results[i]) == pytest.approx(single, abs=1e-5)
+        assert results[1]["error"].startswith("VideoDecodeError: Cannot decode video")
+        assert results[3]["error"].startswith("FileNotFoundError") and "missing.mp4" in results[3]["error"]
+    with pytest.raises(VideoDecodeError):
+        zero_shot(videos, candidate_labels=LABELS, on_error="raise")
+
+
+def test_an_empty_batch_gives_an_empty_list(zero_shot):
+    assert zero_shot([], candidate_labels=LABELS) == []
+    assert zero_shot([], candidate_labels=LABELS, batch_size=4) == []
+    with pytest.raises(ValueError, match="non-empty list"):
+        zero_shot([], candidate_labels=[])
+
+
+def test_nan_frames_never_give_nan_scores(zero_shot, video_path):
+    frames = _all_frames(video_path).astype(np.float32)
+    frames[2, 5, 5, 1] = np.nan
+    infinite = _all_frames(video_path).astype(np.float32)
+    infinite[0, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN|finite"):
+        zero_shot(frames, candidate_labels=LABELS)
+    results = zero_shot([str(video_path), frames, infinite], candidate_labels=LABELS, batch_size=3)
+    assert [isinstance(result, dict) and list(result) == ["error"] for result in results] == [False, True, True]
+    scores = [prediction["score"] for prediction in results[0]]
+    assert all(np.isfinite(scores)) and sum(scores) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_model_with_non_finite_outputs_reports_instead_of_scoring_nan(retrieval, video_path):
+    model, processor = retrieval
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.visual_projection.weight[0, 0] = float("nan")
+    classifier = ZeroShotVideoClassificationPipeline(model=broken, processor=processor, task=TASK)
+    with pytest.raises(ValueError, match="non-finite scores"):
+        classifier(str(video_path), candidate_labels=LABELS)
+    results = classifier([str(video_path)] * 2, candidate_labels=LABELS, batch_size=2)
+    assert results == [{"error": "ValueError: the model produced non-finite scores for this video."}] * 2
 
 
 def test_a_classifier_without_text_tower_is_refused(classification):

@@ -27,6 +27,7 @@ from modeling_stan.synthetic_videos import generate_synthetic_dataset
 
 sys.path.insert(0, str(REPO_ROOT / "training"))
 import run_classification  # noqa: E402
+import run_pretraining  # noqa: E402
 import run_retrieval  # noqa: E402
 import stan_training  # noqa: E402
 from stan_checkpointing import CheckpointManager  # noqa: E402
@@ -156,6 +157,8 @@ def test_recipe_configs_parse(config):
     dataset = yaml.safe_load(config.read_text())["dataset"]
     script = next(script for script in (run_retrieval.RetrievalScript, run_classification.ClassificationScript)
                   if dataset in script.dataset_formats)
+    if "pretrain" in config.stem:
+        script = run_pretraining.PretrainingScript
     model, _, _, training = stan_training.parse_arguments(script.argument_types, {}, ["--config", str(config)])
     assert model.model_name_or_path.startswith("openai/clip-vit-")
     assert training.metric_for_best_model in ("t2v_R@1", "top1")

@@ -50,6 +50,14 @@ def runs(tmp_path_factory):
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert two.returncode == 0, two.stderr[-4000:]
+    # The same two processes with the authors' gradient scale (their gather keeps only the local slice).
+    local = subprocess.run(
+        [*launch, str(REPO_ROOT / "training" / "run_retrieval.py"), *flags, "--output_dir", str(root / "two_local"),
+         "--per_device_train_batch_size", "4", "--debug_dump_dir", str(root / "two_local_dump"),
+         "--gather_gradient", "local", "--max_steps", "1"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert local.returncode == 0, local.stderr[-4000:]
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -70,6 +78,16 @@ def test_gathered_loss_equals_the_single_process_loss(runs):
             assert distributed["loss"] == pytest.approx(single["loss"], abs=1e-5)
             # Gradient scale: DDP's average of the processes' gradients is the single-process gradient.
             assert distributed["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
+
+
+def test_authors_gradient_scale_is_one_over_the_number_of_processes(runs):
+    one, _ = records(runs / "one_dump", 0)
+    for rank in (0, 1):
+        local, _ = records(runs / "two_local_dump", rank)
+        assert local[0]["loss"] == pytest.approx(one[0]["loss"], abs=1e-5)
+        # Every tower weight gets half the one-process gradient; the learnable logit scale, applied after the
+        # gather, keeps its full gradient, hence the looser tolerance (the two scales differ by 100%).
+        assert local[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"] / 2, rel=2e-3)
 
 
 def test_both_processes_end_with_the_single_process_weights(runs):

@@ -36,6 +36,7 @@ from modeling_stan.video_datasets import (
     make_decode_transform,
     unique_video_rows,
 )
+from modeling_stan.video_processing_stan import StanVideoProcessor
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -338,8 +339,8 @@ def test_counter_adds_up_across_dataloader_workers(synthetic_root, tmp_path):
 
 
 def test_decode_transform_with_processor_and_seeded_training_sampling(synthetic_root):
-    def processor(clips, return_tensors):
-        assert return_tensors == "pt"
+    def processor(clips, return_tensors, do_sample_frames):
+        assert return_tensors == "pt" and do_sample_frames is False
         tensors = [torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 255 for clip in clips]
         return {"pixel_values": torch.stack(tensors)}
 
@@ -351,3 +352,46 @@ def test_decode_transform_with_processor_and_seeded_training_sampling(synthetic_
     assert "frames" not in sampled[0] and sampled[0]["pixel_values"][0].shape == (3, 3, 32, 32)
     for first, second in zip(sampled[0]["pixel_values"], sampled[1]["pixel_values"]):
         torch.testing.assert_close(first, second)
+
+
+def test_decode_transform_returns_what_the_processor_returns_for_the_video(synthetic_root):
+    processor = StanVideoProcessor.for_image_size(24, num_frames=4)  # the 32-pixel videos are resized
+    dataset = load_msrvtt(synthetic_root / "msrvtt/MSRVTT_JSFUSION_test.csv", synthetic_root / "videos")
+    for num_frames in (4, 8):  # as many frames as the processor's default, and more
+        transform = make_decode_transform(num_frames=num_frames, video_processor=processor)
+        rows = dataset.with_transform(transform)[:2]
+        expected = processor(rows["video"], num_frames=num_frames, return_tensors="pt")["pixel_values"]
+        assert torch.equal(torch.stack(rows["pixel_values"]), expected)
+
+
+# ------------------------------------------------------------------------------------------ annotation errors
+
+
+def test_a_latin1_annotation_file_is_an_error_naming_file_and_line(tmp_path):
+    annotations = tmp_path / "MSRVTT_JSFUSION_test.csv"
+    annotations.write_bytes("key,vid_key,video_id,sentence\nk,v,video0,a caf\u00e9 scene\n".encode("latin-1"))
+    with pytest.raises(AnnotationError, match=r"MSRVTT_JSFUSION_test\.csv: line 2: not UTF-8 text \(byte 0xe9\)"):
+        load_msrvtt(annotations, _videos(tmp_path, ["video0.mp4"]))
+    lines = tmp_path / "AllVideoDescriptions.txt"
+    lines.write_bytes("# header\nvid1 a caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(AnnotationError, match=r"AllVideoDescriptions\.txt: line 2: not UTF-8"):
+        load_msvd(lines, _videos(tmp_path, []))
+    json_file = tmp_path / "train.json"
+    json_file.write_bytes('{"v": {"sentences": ["caf\u00e9"]}}'.encode("latin-1"))
+    with pytest.raises(AnnotationError, match=r"train\.json: line 1: not UTF-8"):
+        load_activitynet_captions(json_file, _videos(tmp_path, []))
+
+
+def test_an_unterminated_csv_quote_is_an_error_not_a_swallowed_file(tmp_path):
+    annotations = tmp_path / "test.csv"
+    annotations.write_text('key,vid_key,video_id,sentence\nk,v,video0,"a caption\nk,v,video1,another\nk,v,video2,x\n')
+    with pytest.raises(AnnotationError, match=r"test\.csv: line 2: malformed CSV"):
+        load_msrvtt(annotations, _videos(tmp_path, ["video0.mp4", "video1.mp4", "video2.mp4"]))
+
+
+def test_video_ids_cannot_leave_the_video_folder(tmp_path):
+    (tmp_path / "outside.mp4").touch()
+    annotations = tmp_path / "test.csv"
+    annotations.write_text("key,vid_key,video_id,sentence\nk,v,../outside,a caption\n")
+    with pytest.raises(AnnotationError, match=r"test\.csv: video '\.\./outside': its path .* leaves the video folder"):
+        load_msrvtt(annotations, _videos(tmp_path, []))

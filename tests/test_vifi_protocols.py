@@ -199,3 +199,46 @@ def test_zero_shot_over_the_three_official_ucf101_splits(tmp_path, vifi_data):
 def test_protocol_options_fail_before_training(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         run(run_classification, tmp_path / "out", *flags)
+
+
+def test_zero_shot_recognition_from_a_stan_checkpoint_without_training(tiny_clip_dir, tmp_path, vifi_data):
+    """`--do_train false` from a dual-encoder STAN folder: the text-encoder head embeds the test split's class names
+    and the three zero-shot splits' own, with nothing trained."""
+    dual = StanModel.from_clip_pretrained(tiny_clip_dir, stan_depth=1, drop_path_rate=0.0)
+    dual.save_pretrained(tmp_path / "stan")
+    AutoTokenizer.from_pretrained(tiny_clip_dir).save_pretrained(tmp_path / "stan")
+    splits = vifi_data / "splits"
+    results = run(run_classification, tmp_path / "out", "--model_name_or_path", tmp_path / "stan", "--do_train", "false",
+                  "--classifier_type", "text_encoder", "--hypothesis_template", "a photo of a {}.", "--num_frames", 4,
+                  "--vision_prompt_depth", 1, "--vision_prompt_length", 2, "--per_device_eval_batch_size", 8,
+                  "--dataset", "ucf101", "--split_dir", splits / "ucfTrainTestlist", "--fold", 1,
+                  "--video_dir", splits / "UCF-101", "--zero_shot_dataset", "ucf101",
+                  "--zero_shot_split_dir", splits / "ucfTrainTestlist", "--zero_shot_video_dir", splits / "UCF-101")
+    saved = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert saved == results and set(saved) == {"test", "zero_shot"}  # head and prompt fields set over the checkpoint
+    # The test split is fold 1 of the same lists, scored by the same untrained model.
+    assert saved["zero_shot"]["split1"]["top1"] == saved["test"]["top1"]
+    per_split = [saved["zero_shot"][f"split{fold}"]["top1"] for fold in (1, 2, 3)]
+    assert saved["zero_shot"]["top1_mean"] == pytest.approx(np.mean(per_split))
+    assert saved["zero_shot"]["top1_std"] == pytest.approx(np.std(per_split))
+
+
+def test_frozen_class_embeddings_start_from_the_dual_encoders_text_tower(tiny_clip_dir, tmp_path, vifi_data):
+    """Fine-tuning from a dual encoder, the authors' head takes its frozen class embeddings from the checkpoint's
+    own text tower (not from a random initialisation), and keeps them through training."""
+    dual = StanModel.from_clip_pretrained(tiny_clip_dir, stan_depth=1, drop_path_rate=0.0).eval()
+    dual.save_pretrained(tmp_path / "stan")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
+    tokenizer.save_pretrained(tmp_path / "stan")
+    splits, videos = vifi_data / "splits", vifi_data / "data" / "videos"
+    run(run_classification, tmp_path / "out", "--model_name_or_path", tmp_path / "stan", "--num_frames", 4,
+        "--classifier_type", "frozen_class_embeddings", "--max_steps", 1, "--per_device_train_batch_size", 4,
+        "--eval_strategy", "no", "--save_strategy", "no", "--dataset", "vifi", "--video_dir", videos,
+        "--labels_file", splits / "base_labels.csv", "--train_file", splits / "base_train.txt",
+        "--validation_file", splits / "base_validation.txt", "--test_file", splits / "base_test.txt")
+    model = StanForVideoClassification.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        expected = dual.get_text_features(**tokenizer(["a video of up.", "a video of down."], padding=True,
+                                                      return_tensors="pt")).pooler_output
+    torch.testing.assert_close(model.classifier.weight, expected)
+    assert model.config.fixed_logit_scale == 100.0

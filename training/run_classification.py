@@ -21,7 +21,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from modeling_stan import StanForVideoClassification
+from modeling_stan import StanForVideoClassification, StanModel
 from modeling_stan.configuration_stan import CLASSIFIER_TYPES
 from modeling_stan.vifi_prompts import TRAINABLE_PARTS, set_trainable_parts
 from modeling_stan.metrics import aggregate_views, topk_accuracy
@@ -242,9 +242,9 @@ class ClassificationScript(TrainingScript):
         "metric_for_best_model": "top1",
     }
     # The tiny random CLIP of the no-argument demo learns from scratch (see run_retrieval.py); flags still win.
-    # From random weights the model first sits on a plateau (constant predictions) for about 300 steps: STAN-conv
-    # leaves it sooner than STAN-self on this motion-direction task, and a constant learning rate keeps the escape
-    # from depending on how far a decaying schedule has gone by then.
+    # From random weights the model first sits on a plateau (constant predictions) for about 300 steps; a constant
+    # learning rate keeps the escape from depending on how far a decaying schedule has gone by then. (STAN-conv was
+    # chosen when it was a light bottleneck; the authors' full-width module still passes the demo's test.)
     demo_defaults = {
         "stan_depth": 1,
         "temporal_module": "conv",
@@ -274,6 +274,13 @@ class ClassificationScript(TrainingScript):
         data_args.dataset, data_args.video_dir = "folder", str(root / "folders")
 
     def load_splits(self, data_args: DataArguments, task_args: ClassificationArguments, seed: int) -> dict:
+        if not self.do_train:
+            # Evaluation only (e.g. zero-shot from a dual encoder): the test split, whose classes the head takes.
+            test = load_split(data_args, task_args, "test")
+            if test is None or len(test) == 0:
+                raise ValueError("--do_train false evaluates the test split: pass --test_file (or --video_dir/test "
+                                 "for --dataset folder, --split_dir and --fold for ucf101/hmdb51).")
+            return {"test": test}
         train = load_split(data_args, task_args, "train")
         class_names = train.features["label"].names
         splits = {"train": train, **{split: load_split(data_args, task_args, split, class_names)
@@ -289,12 +296,16 @@ class ClassificationScript(TrainingScript):
         return splits
 
     def model_config_fields(self, task_args: ClassificationArguments, splits: dict) -> dict:
-        return {**task_args.model_config_fields(), "class_names": splits["train"].features["label"].names}
+        named_by = splits["train"] if "train" in splits else splits["test"]
+        return {**task_args.model_config_fields(), "class_names": named_by.features["label"].names}
 
     def prepare_model(self, model, task_args: ClassificationArguments, processor) -> None:
         if model.text_model is not None:
             # A head loaded from a STAN checkpoint of another task (a dual encoder) has no class prompts yet.
             model.set_class_names(model.class_names(), processor.tokenizer)
+        elif model.config.classifier_type != "linear" and _loaded_from_dual_encoder(model):
+            # Its class embeddings come from the dual encoder's text tower, which the classifier does not keep.
+            model.init_class_embeddings(StanModel.from_pretrained(model.config._name_or_path), processor.tokenizer)
         set_trainable_parts(model, task_args.trainable_parts)
 
     def training_collate(self, processor, task_args):
@@ -310,12 +321,12 @@ class ClassificationScript(TrainingScript):
         return ClassificationTask(accelerator, training_args.metric_for_best_model, task_args.num_views, eval_loaders,
                                   augmentation, task_args.label_smoothing)
 
-    def extra_results(self, accelerator, loop, processor, results: dict, data_args: DataArguments,
-                      task_args: ClassificationArguments, training_args) -> dict:
+    def extra_results(self, accelerator, model, task: ClassificationTask, processor, results: dict,
+                      data_args: DataArguments, task_args: ClassificationArguments, training_args) -> dict:
         """Evaluations on other class sets, through the text-encoder head: base-to-novel and zero-shot."""
         extra = {}
-        evaluate = lambda rows, name: self._evaluate_class_set(accelerator, loop, processor, rows, name, data_args,
-                                                               task_args, training_args)
+        evaluate = lambda rows, name: self._evaluate_class_set(accelerator, model, task, processor, rows, name,
+                                                               data_args, task_args, training_args)
         if task_args.novel_test_file is not None:
             novel_rows = load_vifi_split(task_args.novel_test_file, task_args.novel_labels_file, data_args.video_dir)
             extra["novel"] = evaluate(novel_rows, "novel")
@@ -327,19 +338,25 @@ class ClassificationScript(TrainingScript):
             extra["zero_shot"] = {**per_split, **summarize_splits(per_split)}
         return extra
 
-    def _evaluate_class_set(self, accelerator, loop, processor, rows: datasets.Dataset, name: str,
-                            data_args: DataArguments, task_args: ClassificationArguments, training_args) -> dict:
+    def _evaluate_class_set(self, accelerator, model, task: ClassificationTask, processor, rows: datasets.Dataset,
+                            name: str, data_args: DataArguments, task_args: ClassificationArguments,
+                            training_args) -> dict:
         """Metrics on `rows` with the head pointed at their class names; the model's own classes are restored."""
-        model = accelerator.unwrap_model(loop.model)
-        own_classes = model.class_names()
+        head = accelerator.unwrap_model(model)
+        own_classes = head.class_names()
         video_options = data_args.video_options(processor.video_processor)
-        loop.task.eval_loaders[name] = accelerator.prepare(
+        task.eval_loaders[name] = accelerator.prepare(
             self.evaluation_dataloader(rows, video_options, task_args, data_args, training_args))
-        model.set_class_names(rows.features["label"].names, processor.tokenizer)
+        head.set_class_names(rows.features["label"].names, processor.tokenizer)
         try:
-            return loop.task.evaluate(loop.model, name)
+            return task.evaluate(model, name)
         finally:
-            model.set_class_names(own_classes, processor.tokenizer)
+            head.set_class_names(own_classes, processor.tokenizer)
+
+
+def _loaded_from_dual_encoder(model) -> bool:
+    """Whether `from_pretrained` built `model` from a STAN dual-encoder folder (its config still names that class)."""
+    return bool(set(model.config.architectures or ()) & {"StanModel", "StanForVideoTextRetrieval"})
 
 
 main = ClassificationScript().main

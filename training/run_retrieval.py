@@ -19,6 +19,7 @@ dual softmax (`dsl_`), and on the test split also with querybank normalisation o
 (`qbnorm_t2v_`).
 """
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,9 @@ class RetrievalArguments:
     mug_lambda: float = 100.0
     loss_reduction: str = field(default="sum", metadata={"help": "'sum' (authors) or 'mean' (CLIP) of the 2 directions."})
     freeze_text_tower: bool = field(default=False, metadata={"help": "Train the video tower only."})
+    gather_gradient: str = field(default="global", metadata={
+        "help": "'global': the gradient of the whole global batch, as one process would compute it; 'local': the "
+                "authors' (their all-gather keeps only each process's slice: 1/W of it on W processes)."})
     max_text_length: int = 32
     train_video_ids_file: str | None = field(default=None, metadata={"help": "msrvtt/msvd: ids of the training videos."})
     validation_video_ids_file: str | None = None
@@ -78,6 +82,10 @@ class RetrievalArguments:
     qb_norm_bank_size: int | None = field(
         default=None, metadata={"help": "Training captions in the QB-Norm querybank (default: all)."}
     )
+
+    def __post_init__(self):
+        if self.gather_gradient not in ("global", "local"):
+            raise ValueError(f"--gather_gradient must be 'global' or 'local', got {self.gather_gradient!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,14 +154,15 @@ class RetrievalTask:
                         pixel_values=batch["pixel_values"], return_loss=False)
         model = self.accelerator.unwrap_model(model)
         # The scores and the loss are computed in float32 whatever the mixed precision of the towers.
+        gather = functools.partial(all_gather_with_grad, local_gradient=self.args.gather_gradient == "local")
         gathered = {
-            "text_embeds": all_gather_with_grad(outputs.text_embeds.float()),
-            "video_embeds": all_gather_with_grad(outputs.video_embeds.float()),
+            "text_embeds": gather(outputs.text_embeds.float()),
+            "video_embeds": gather(outputs.video_embeds.float()),
         }
         if model.config.alignment == "mug":
-            gathered["token_embeds"] = all_gather_with_grad(outputs.token_embeds.float())
-            gathered["text_attention_mask"] = all_gather_with_grad(batch["attention_mask"])
-            gathered["frame_embeds"] = all_gather_with_grad(outputs.frame_embeds.float())
+            gathered["token_embeds"] = gather(outputs.token_embeds.float())
+            gathered["text_attention_mask"] = gather(batch["attention_mask"])
+            gathered["frame_embeds"] = gather(outputs.frame_embeds.float())
         logits_per_text = model.similarity(**gathered) * model.logit_scale_value()
         return video_text_contrastive_loss(logits_per_text, model.config.loss_reduction)
 
@@ -176,7 +185,7 @@ class RetrievalTask:
         dsl = text_to_video_and_video_to_text(dual_softmax(similarity, lam, axis=0), text_to_video,
                                               sim_v2t=dual_softmax(similarity, lam, axis=1))
         metrics.update({f"dsl_{name}": value for name, value in dsl.items()})
-        if split == "test":
+        if split == "test" and "train" in self.splits:
             # Encoding the querybank (all training captions) is too costly to repeat at every validation.
             metrics.update(self._querybank_normalized_metrics(model, similarity, text_to_video, videos))
         metrics["corrupt_videos"] = float(len(set(video_index)) - len(position))
@@ -272,6 +281,11 @@ class RetrievalScript(TrainingScript):
 
     def load_splits(self, data_args: DataArguments, task_args: RetrievalArguments, seed: int) -> dict:
         splits = {split: load_split(data_args, task_args, split) for split in ("train", "validation", "test")}
+        if not self.do_train:
+            # Evaluation only: the test split, and validation and train (the QB-Norm querybank) if given.
+            if splits["test"] is None:
+                raise ValueError("--do_train false evaluates the test split: pass --test_file or --annotation_file.")
+            return {split: rows for split, rows in splits.items() if rows is not None}
         if splits["train"] is None:
             raise ValueError("No training annotations: pass --train_file or --annotation_file.")
         if splits["validation"] is None:

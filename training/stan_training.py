@@ -36,13 +36,14 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, get_scheduler
 
-from modeling_stan import StanModel
+from modeling_stan import StanConfig, StanModel
 from modeling_stan.model_card import write_training_model_card
 from modeling_stan.pipeline_zero_shot_video_classification import save_for_hub
 from modeling_stan.processing_stan import StanProcessor
 from modeling_stan.synthetic_videos import generate_synthetic_dataset
 from modeling_stan.testing_utils import save_tiny_clip
 from modeling_stan.video_datasets import CorruptSampleCounter, SkipCorruptCollator, make_decode_transform
+from modeling_stan.vifi_prompts import PROMPT_CONFIG_FIELDS
 from modeling_stan.video_processing_stan import StanVideoProcessor
 from stan_checkpointing import CheckpointManager
 
@@ -66,8 +67,9 @@ SYNTHETIC_DATASET_NAME = "synthetic moving shapes"
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "CLIP checkpoint (Hub id or folder) to build STAN around. Default: a tiny random CLIP built "
-                          "offline into OUTPUT_DIR/tiny_clip (for the synthetic demo and tests)."},
+        metadata={"help": "CLIP checkpoint (Hub id or folder) to build STAN around, or a STAN checkpoint (post-pretrained, "
+                          "converted or fine-tuned) to start from, whose STAN fields are then used. Default: a tiny random "
+                          "CLIP built offline into OUTPUT_DIR/tiny_clip (for the synthetic demo and tests)."},
     )
     stan_depth: int = field(default=4, metadata={"help": "STAN layers K (0: the plain CLIP mean-pooling baseline)."})
     temporal_module: str = field(default="attention", metadata={"help": "'attention' (STAN-self) or 'conv'."})
@@ -129,6 +131,10 @@ class DataArguments:
 @dataclass
 class TrainingArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints and the final model go."})
+    do_train: bool = field(
+        default=True,
+        metadata={"help": "False: only evaluate the model as given (e.g. zero-shot) on the validation and test splits."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete the checkpoints of an earlier run in OUTPUT_DIR instead of failing."}
     )
@@ -231,14 +237,31 @@ def parse_script_arguments(dataclass_types: Sequence[type], recipe_defaults: dic
     return parsed
 
 
-def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict:
-    """The options of a config file, converted and checked as the same flags on the command line would be."""
+def explicit_options(argv: Sequence[str] | None = None) -> set[str]:
+    """Names of the options the user set, on the command line or in its `--config` file (not the defaults)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # HfArgumentParser also accepts --do-train for --do_train.
+    names = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config")
+    config = config_parser.parse_known_args(argv)[0].config
+    return names | set(_read_config_file(config)) if config else names
+
+
+def _read_config_file(path: str) -> dict:
+    """The mapping of option names to values in a YAML or JSON config file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path}: no such file.")
     with open(path, encoding="utf-8") as file:
         values = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values, got {type(values).__name__}.")
+    return values
+
+
+def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The options of a config file, converted and checked as the same flags on the command line would be."""
+    values = _read_config_file(path)
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     unknown = sorted(set(values) - set(actions))
     if unknown:
@@ -345,18 +368,67 @@ def make_processor(model: nn.Module, model_path: str, num_frames: int) -> StanPr
     return StanProcessor(video_processor=video_processor, tokenizer=AutoTokenizer.from_pretrained(model_path))
 
 
-def load_stan_model(model_class: type, model_path: str, model_args: ModelArguments, seed: int, **config_fields):
-    """`model_class.from_clip_pretrained(model_path, ...)` with the model arguments' and `config_fields`' fields.
+def is_stan_checkpoint(model_path: str) -> bool:
+    """Whether `model_path` (a folder or Hub id) holds a STAN model rather than a CLIP checkpoint."""
+    return StanConfig.get_config_dict(model_path)[0].get("model_type") == StanConfig.model_type
 
-    Seeded right before, so that the new STAN weights are the same in every run and on every process whatever ran
+
+def load_stan_model(model_class: type, model_path: str, model_args: ModelArguments, seed: int,
+                    given: set[str] = frozenset(), options: set[str] = frozenset(), **config_fields):
+    """The model to train or evaluate, with the model arguments' and `config_fields`' `StanConfig` fields.
+
+    From a CLIP checkpoint: `model_class.from_clip_pretrained`. From a STAN checkpoint: its weights and STAN fields;
+    a field the user set (`given`, among the script's `options`) to another value than the checkpoint's is an
+    error, options only defaulted take the checkpoint's value, and `num_frames` plus the fields that come from the
+    data (labels) are applied.
+
+    Seeded right before, so that the new weights are the same in every run and on every process whatever ran
     before (building the default model or data draws random numbers on the main process only).
     """
     set_seed(seed)
-    model = model_class.from_clip_pretrained(model_path, **model_args.stan_config_fields(), **config_fields)
+    fields = {**model_args.stan_config_fields(), **config_fields}
+    if is_stan_checkpoint(model_path):
+        overrides = _fields_over_checkpoint(model_path, fields, given, options, model_class)
+        class_names = overrides.pop("class_names", None)
+        if class_names is not None:
+            # The labels of the data replace the checkpoint's; a head of another size starts afresh.
+            overrides.update(id2label=dict(enumerate(class_names)), ignore_mismatched_sizes=True)
+        model = model_class.from_pretrained(model_path, **overrides)
+    else:
+        model = model_class.from_clip_pretrained(model_path, **fields)
     if model_args.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with frozen inputs.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _fields_over_checkpoint(model_path: str, fields: dict, given: set[str], options: set[str],
+                            model_class: type) -> dict:
+    """The fields to set on a STAN checkpoint's config; raises on a flag that contradicts the checkpoint.
+
+    `options` are the script's option names, `given` those the user set. Options left at their defaults yield to the
+    checkpoint; `num_frames` (frames per clip may differ from training), fields from the data (labels) and, on a
+    checkpoint of another task (a dual encoder fine-tuned into a classifier), the head's fields apply.
+    """
+    checkpoint = StanConfig.from_pretrained(model_path).to_dict()
+    free = set(_ALWAYS_FREE_FIELDS)
+    if model_class.__name__ not in (checkpoint.get("architectures") or []):
+        free |= set(_HEAD_FIELDS)
+    conflicts = [f"--{name} {value!r} (the checkpoint has {checkpoint[name]!r})" for name, value in fields.items()
+                 if name in given and name not in free and name in checkpoint and checkpoint[name] != value]
+    if conflicts:
+        raise ValueError(f"--model_name_or_path {model_path} is a STAN checkpoint whose fields these flags contradict: "
+                         f"{'; '.join(conflicts)}. Drop them to use the checkpoint's values, or start from a CLIP "
+                         "checkpoint to build a different STAN.")
+    return {name: value for name, value in fields.items()
+            if name not in options or name in free and (name == "num_frames" or name in given)}
+
+
+# StanConfig fields of a task head rather than of the shared towers.
+_HEAD_FIELDS = ("classifier_type",)
+# Fields a run may set on any STAN checkpoint: frames per clip, and what adds to the towers without changing their
+# weights (the class prompt; ViFi-CLIP's prompts, whose second stage starts from a fine-tuned checkpoint).
+_ALWAYS_FREE_FIELDS = ("num_frames", "hypothesis_template", *PROMPT_CONFIG_FIELDS)
 
 
 def model_source(accelerator: Accelerator, model_args: ModelArguments, output_dir: Path, seed: int) -> str:
@@ -570,7 +642,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, t
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(tensor: torch.Tensor, local_gradient: bool = False) -> torch.Tensor:
     """Concatenates `tensor` from every process along dim 0, differentiably; the input itself on one process.
 
     Processes may hold different numbers of rows (a batch that lost a corrupt sample); all other dims must agree
@@ -579,7 +651,11 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     Gradient scale: every process computes the same loss over the gathered rows, and the backward hands each
     process the *sum* over processes of the gradients of its own rows, i.e. W times the gradient of that loss; DDP's
     averaging over the W processes then yields exactly the gradient of one process training on the whole global
-    batch.
+    batch. The authors' `GatherLayer` instead keeps only the local slice of the gradient, so their gradient of every
+    weight before the gather is 1/W of this one (W processes; weights applied after it, like a learnable logit
+    scale, get the same gradient either way); with `local_gradient=True` this function does the same. The
+    difference matters for gradient clipping (AdamW itself is almost scale-free): the authors' `max_grad_norm` on W
+    processes corresponds to W x that norm here.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
@@ -588,28 +664,29 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_gather(shapes, shape)
     if any(not torch.equal(other[1:], shape[1:]) for other in shapes):
         raise ValueError(f"all_gather_with_grad: the processes' tensors differ beyond dim 0: {[s.tolist() for s in shapes]}.")
-    return _AllGatherRows.apply(tensor, [int(other[0]) for other in shapes])
+    return _AllGatherRows.apply(tensor, [int(other[0]) for other in shapes], local_gradient)
 
 
 class _AllGatherRows(torch.autograd.Function):
     """Forward: the rows of every process, concatenated in rank order. Backward: the gradient of the whole result,
-    summed over processes, sliced to this process's rows."""
+    summed over processes (not summed with `local_gradient`, as the authors do), sliced to this process's rows."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, rows: list[int], local_gradient: bool) -> torch.Tensor:
         # all_gather needs equal shapes: pad to the largest row count, cut the padding off afterwards.
         padded = F.pad(tensor, [0, 0] * (tensor.ndim - 1) + [0, max(rows) - tensor.shape[0]]).contiguous()
         parts = [torch.empty_like(padded) for _ in rows]
         dist.all_gather(parts, padded)
         rank = dist.get_rank()
-        ctx.start, ctx.count = sum(rows[:rank]), rows[rank]
+        ctx.start, ctx.count, ctx.local_gradient = sum(rows[:rank]), rows[rank], local_gradient
         return torch.cat([part[:count] for part, count in zip(parts, rows)])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad = grad_output.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.start : ctx.start + ctx.count], None
+        if not ctx.local_gradient:
+            dist.all_reduce(grad)
+        return grad[ctx.start : ctx.start + ctx.count], None, None
 
 
 class RowOutputs:
@@ -775,14 +852,19 @@ class TrainingLoop:
             main_process_only=True,
         )
 
-    def _train_epoch(self) -> None:
-        epoch, done = divmod(self.progress.step, self.steps_per_epoch)
+    def _epoch_batches(self, epoch: int, done: int):
+        """The micro-batches of `epoch` after its first `done` optimizer steps."""
         self.train_sampler.set_epoch(epoch)
         loader = self.train_loader
         if done:
             loader = self.accelerator.skip_first_batches(loader, done * self.args.gradient_accumulation_steps)
         # Accelerate re-applies its own epoch counter to the sampler when iteration starts: keep both equal.
         loader.set_epoch(epoch)
+        return loader
+
+    def _train_epoch(self) -> None:
+        epoch, done = divmod(self.progress.step, self.steps_per_epoch)
+        loader = self._epoch_batches(epoch, done)
         self.model.train()
         window = _Window()
         for batch in loader:
@@ -943,6 +1025,7 @@ class TrainingScript:
     dataset_formats: tuple[str, ...]  # the `--dataset` values besides "synthetic"
     model_class: type
     card_task: str  # the model card's task
+    do_train: bool = True  # --do_train, set by `main` (False: the splits of an evaluation only)
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
         """Points `data_args` at the synthetic dataset generated in `root`."""
@@ -978,11 +1061,16 @@ class TrainingScript:
         accelerator = setup_run(training_args)
         output_dir = Path(training_args.output_dir)
         model_path = model_source(accelerator, model_args, output_dir, training_args.seed)
+        self.do_train = training_args.do_train
         dataset_name, splits = self._splits(accelerator, data_args, task_args, training_args)
+        options = {name for kind in self.argument_types for name in kind.__dataclass_fields__}
         model = load_stan_model(self.model_class, model_path, model_args, training_args.seed,
-                                num_frames=data_args.num_frames, **self.model_config_fields(task_args, splits))
+                                given=explicit_options(argv), options=options, num_frames=data_args.num_frames,
+                                **self.model_config_fields(task_args, splits))
         processor = make_processor(model, model_path, data_args.num_frames)
         self.prepare_model(model, task_args, processor)
+        if not training_args.do_train:
+            return self.evaluate_only(accelerator, model, processor, splits, data_args, task_args, training_args)
         loop = self._training_loop(accelerator, model, processor, splits, data_args, task_args, training_args)
         accelerator.init_trackers(f"stan-{self.card_task}", config=_tracker_config(arguments_dict(*arguments)))
 
@@ -991,9 +1079,10 @@ class TrainingScript:
         results = {
             "validation": next((m for m in progress.validation_history if m["step"] == best_step), {}),
             "test": loop.task.evaluate(loop.model, "test"),
+            "train": self.training_summary(loop, best_step, time.time() - started),
         }
-        results.update(self.extra_results(accelerator, loop, processor, results, data_args, task_args, training_args))
-        results["train"] = training_summary(loop, best_step, time.time() - started)
+        results.update(self.extra_results(accelerator, loop.model, loop.task, processor, results, data_args, task_args,
+                                          training_args))
         logger.info(f"Test metrics: {results['test']}", main_process_only=True)
         card = {"task": self.card_task, "base_model": model_args.model_name_or_path or "tiny random CLIP",
                 "dataset_name": dataset_name, "training_args": arguments_dict(*arguments)}
@@ -1002,10 +1091,37 @@ class TrainingScript:
         accelerator.end_training()
         return results
 
-    def extra_results(self, accelerator: Accelerator, loop: TrainingLoop, processor, results: dict,
+    def extra_results(self, accelerator: Accelerator, model: nn.Module, task: TrainingTask, processor, results: dict,
                       data_args: DataArguments, task_args, training_args: TrainingArguments) -> dict:
-        """Results beyond validation and test (e.g. other class sets), merged into `all_results.json`."""
+        """Results beyond the evaluation splits (e.g. other class sets), merged into `all_results.json`."""
         return {}
+
+    def evaluate_only(self, accelerator: Accelerator, model: nn.Module, processor, splits: dict,
+                      data_args: DataArguments, task_args, training_args: TrainingArguments) -> dict:
+        """`--do_train false`: the metrics of the model as given on the evaluation splits there are, written to
+        OUTPUT_DIR/all_results.json (the model itself is not saved again)."""
+        video_options = data_args.video_options(processor.video_processor)
+        present = [split for split in EVAL_SPLITS if split in splits]
+        loaders = [self.evaluation_dataloader(splits[split], video_options, task_args, data_args, training_args)
+                   for split in present]
+        model, *loaders = accelerator.prepare(model, *loaders)
+        task = self.make_task(accelerator, task_args, training_args, splits, dict(zip(present, loaders)), processor)
+        results = {split: task.evaluate(model, split) for split in present}
+        results.update(self.extra_results(accelerator, model, task, processor, results, data_args, task_args,
+                                          training_args))
+        logger.info(f"Evaluation without training: {results}", main_process_only=True)
+        if accelerator.is_main_process:
+            output_dir = Path(training_args.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            with open(output_dir / "all_results.json", "w", encoding="utf-8") as file:
+                json.dump(results, file, indent=2)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return results
+
+    def training_summary(self, loop: TrainingLoop, best_step: int, runtime: float) -> dict:
+        """The "train" entry of `all_results.json`."""
+        return training_summary(loop, best_step, runtime)
 
     def _splits(self, accelerator: Accelerator, data_args: DataArguments, task_args,
                 training_args: TrainingArguments) -> tuple[str, dict[str, datasets.Dataset]]:
