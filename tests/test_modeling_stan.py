@@ -18,6 +18,7 @@ from modeling_stan import (
     StanModel,
     video_text_contrastive_loss,
 )
+from modeling_stan.testing_utils import build_tiny_clip_tokenizer
 
 
 def random_text(config: StanConfig, batch_size=2, length=7, seed=0):
@@ -104,11 +105,15 @@ def test_retrieval_model_shapes_and_summed_loss(alignment):
     assert not model.logit_scale.requires_grad  # a fixed temperature is not trained
 
 
-@pytest.mark.parametrize("classifier_type", ["linear", "text"])
+@pytest.mark.parametrize("classifier_type", ["linear", "class_embeddings", "frozen_class_embeddings", "text_encoder"])
 def test_classification_shapes_and_loss(classifier_type):
     labels = {0: "left", 1: "right", 2: "up"}
     config = tiny_stan_config(classifier_type=classifier_type, id2label=labels, label2id={v: k for k, v in labels.items()})
     model = StanForVideoClassification(config).eval()
+    if classifier_type == "text_encoder":
+        with pytest.raises(ValueError, match="no class prompt for some classes"):
+            model(pixel_values=random_video())
+        model.set_class_names(list(labels.values()), build_tiny_clip_tokenizer())
     target = torch.tensor([2, 0])
     out = model(pixel_values=random_video(), labels=target)
     assert out.logits.shape == (2, 3) and out.video_embeds.shape == (2, 32)
@@ -305,7 +310,7 @@ def test_from_clip_pretrained_text_classifier(tiny_clip_dir):
     from transformers import AutoTokenizer
 
     names = ["red square", "blue circle"]
-    model = StanForVideoClassification.from_clip_pretrained(tiny_clip_dir, classifier_type="text", class_names=names)
+    model = StanForVideoClassification.from_clip_pretrained(tiny_clip_dir, classifier_type="class_embeddings", class_names=names)
     clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
     with torch.no_grad():

@@ -313,7 +313,7 @@ class RetrievalScript(TrainingScript):
         return {"alignment": task_args.alignment, "mug_variant": task_args.mug_variant,
                 "mug_lambda": task_args.mug_lambda, "loss_reduction": task_args.loss_reduction}
 
-    def prepare_model(self, model, task_args: RetrievalArguments) -> None:
+    def prepare_model(self, model, task_args: RetrievalArguments, processor) -> None:
         if task_args.freeze_text_tower:
             model.text_model.requires_grad_(False)
             model.text_projection.requires_grad_(False)

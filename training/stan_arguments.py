@@ -329,3 +329,32 @@ def _convert_option(action: argparse.Action, value, path: str):
 def arguments_dict(*arguments) -> dict:
     """All parsed arguments as one flat dict (for trackers, the model card and the metrics file)."""
     return {key: value for args in arguments for key, value in dataclasses.asdict(args).items()}
+
+
+@dataclass
+class AugmentationArguments:
+    """ViFi-CLIP's training augmentations (applied by `video_augmentation.VideoAugmentation`)."""
+
+    multi_scale_crop: list[float] = field(
+        default_factory=list, metadata={"help": "Crop scales of the short side, e.g. 1 .875 .75 .66 (ViFi-CLIP's)."}
+    )
+    flip: float = field(default=0.0, metadata={"help": "Probability of a horizontal flip of a clip (ViFi-CLIP: 0.5)."})
+    color_jitter: float = field(default=0.0, metadata={"help": "Probability of colour jitter of a clip (ViFi: 0.8)."})
+    grayscale: float = field(default=0.0, metadata={"help": "Probability of a greyscale clip (ViFi-CLIP: 0.2)."})
+    mixup: float = field(default=0.0, metadata={"help": "Mixup Beta alpha, 0 = off (ViFi-CLIP: 0.8)."})
+    cutmix: float = field(default=0.0, metadata={"help": "Cutmix Beta alpha, 0 = off (ViFi-CLIP: 1.0)."})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "With both on: probability of cutmix."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the targets (ViFi-CLIP: 0.1)."})
+
+    def __post_init__(self):
+        for name in ("flip", "color_jitter", "grayscale", "mixup_switch_prob", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} is a probability in [0, 1], got {getattr(self, name)}.")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"--mixup and --cutmix are Beta alphas >= 0, got {self.mixup} and {self.cutmix}.")
+        if any(not 0.0 < scale <= 1.0 for scale in self.multi_scale_crop):
+            raise ValueError(f"--multi_scale_crop scales must be in (0, 1], got {self.multi_scale_crop}.")
+
+    @property
+    def blends(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0

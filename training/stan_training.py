@@ -43,6 +43,7 @@ from modeling_stan.processing_stan import StanProcessor
 from modeling_stan.synthetic_videos import generate_synthetic_dataset
 from modeling_stan.testing_utils import save_tiny_clip
 from modeling_stan.video_datasets import SkipCorruptCollator, make_decode_transform
+from modeling_stan.vifi_prompts import PROMPT_CONFIG_FIELDS
 from modeling_stan.video_processing_stan import StanVideoProcessor
 from stan_arguments import (
     DataArguments,
@@ -217,7 +218,7 @@ def _fields_over_checkpoint(model_path: str, fields: dict, given: set[str], opti
     checkpoint of another task (a dual encoder fine-tuned into a classifier), the head's fields apply.
     """
     checkpoint = StanConfig.from_pretrained(model_path).to_dict()
-    free = {"num_frames"}
+    free = set(_ALWAYS_FREE_FIELDS)
     if model_class.__name__ not in (checkpoint.get("architectures") or []):
         free |= set(_HEAD_FIELDS)
     conflicts = [f"--{name} {value!r} (the checkpoint has {checkpoint[name]!r})" for name, value in fields.items()
@@ -232,6 +233,9 @@ def _fields_over_checkpoint(model_path: str, fields: dict, given: set[str], opti
 
 # StanConfig fields of a task head rather than of the shared towers.
 _HEAD_FIELDS = ("classifier_type",)
+# Fields a run may set on any STAN checkpoint: frames per clip, and what adds to the towers without changing their
+# weights (the class prompt; ViFi-CLIP's prompts, whose second stage starts from a fine-tuned checkpoint).
+_ALWAYS_FREE_FIELDS = ("num_frames", "hypothesis_template", *PROMPT_CONFIG_FIELDS)
 
 
 def model_source(accelerator: Accelerator, model_args: ModelArguments, output_dir: Path, seed: int) -> str:
@@ -940,8 +944,8 @@ class TrainingScript:
         """The task's `StanConfig` fields (and `from_clip_pretrained` options)."""
         raise NotImplementedError
 
-    def prepare_model(self, model: nn.Module, task_args) -> None:
-        """Adjusts the freshly built model (e.g. freezes parts)."""
+    def prepare_model(self, model: nn.Module, task_args, processor) -> None:
+        """Adjusts the freshly built model (e.g. freezes parts, or tokenizes class names with the processor)."""
 
     def training_collate(self, processor, task_args) -> Callable[[list[dict]], dict]:
         raise NotImplementedError
@@ -972,8 +976,8 @@ class TrainingScript:
         model = load_stan_model(self.model_class, model_path, model_args, training_args.seed,
                                 given=explicit_options(argv), options=options, num_frames=data_args.num_frames,
                                 **self.model_config_fields(task_args, splits))
-        self.prepare_model(model, task_args)
         processor = make_processor(model, model_path, data_args.num_frames)
+        self.prepare_model(model, task_args, processor)
         if not training_args.do_train:
             return self.evaluate_only(accelerator, model, processor, splits, data_args, task_args, training_args)
         loop = self._training_loop(accelerator, model, processor, splits, data_args, task_args, training_args,
@@ -987,6 +991,8 @@ class TrainingScript:
             "test": loop.task.evaluate(loop.model, "test"),
             "train": self.training_summary(loop, best_step, time.time() - started),
         }
+        results.update(self.extra_results(accelerator, loop.model, loop.task, processor, results, data_args, task_args,
+                                          training_args))
         card = {"task": self.card_task, "base_model": model_args.model_name_or_path or "tiny random CLIP",
                 "dataset_name": dataset_name, "training_args": arguments_dict(*arguments)}
         _save_final_model(accelerator, loop.model, processor, results, card, output_dir)
@@ -1005,6 +1011,11 @@ class TrainingScript:
             logger.error(f"{type(error).__name__}: {error}")
             sys.exit(1)
 
+    def extra_results(self, accelerator: Accelerator, model: nn.Module, task: TrainingTask, processor, results: dict,
+                      data_args: DataArguments, task_args, training_args: TrainingArguments) -> dict:
+        """Results beyond the evaluation splits (e.g. other class sets), merged into `all_results.json`."""
+        return {}
+
     def evaluate_only(self, accelerator: Accelerator, model: nn.Module, processor, splits: dict,
                       data_args: DataArguments, task_args, training_args: TrainingArguments) -> dict:
         """`--do_train false`: the metrics of the model as given on the evaluation splits there are, written to
@@ -1016,6 +1027,8 @@ class TrainingScript:
         model, *loaders = accelerator.prepare(model, *loaders)
         task = self.make_task(accelerator, task_args, training_args, splits, dict(zip(present, loaders)), processor)
         results = {split: task.evaluate(model, split) for split in present}
+        results.update(self.extra_results(accelerator, model, task, processor, results, data_args, task_args,
+                                          training_args))
         logger.info(f"Evaluation without training: {results}", main_process_only=True)
         if accelerator.is_main_process:
             output_dir = Path(training_args.output_dir)
