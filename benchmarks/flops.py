@@ -102,9 +102,14 @@ CASES = (
     FlopsCase("STAN-self, K400", 4, 16, paper_gflops=1187),
     FlopsCase("STAN-self, SSv2", 6, 8, paper_gflops=688),
     FlopsCase("STAN-self, SSv2", 6, 16, paper_gflops=1376),
-    FlopsCase("STAN-conv", 4, 8, temporal_module="conv"),
+    FlopsCase("STAN-conv, SSv2", 4, 8, temporal_module="conv", paper_gflops=845),
+    # K=2 and K=3 bracket the paper's Kinetics-400 STAN-conv row, which no K reproduces (`unreproduced_conv_note`).
+    FlopsCase("STAN-conv", 2, 8, temporal_module="conv"),
+    FlopsCase("STAN-conv", 3, 8, temporal_module="conv"),
     FlopsCase("STAN-conv", 6, 8, temporal_module="conv"),
 )
+# The paper's Kinetics-400 table, STAN-conv-B/16, 8 frames, 1 x 3 views: no K of the authors' module gives it.
+PAPER_K400_CONV_GFLOPS = 714
 # The CLIP B/16 image tower alone under the same rule, per frame (STAN.md, section 5).
 PAPER_CLIP_B16_GFLOPS_PER_FRAME = 16.85
 
@@ -180,8 +185,28 @@ def main(argv: list[str] | None = None) -> list[FlopsResult]:
         f"The B/16 text tower would add {text_tower_gmacs():.2f} GFLOPs per 77-token prompt: the paper's numbers count "
         "the video tower only."
     )
+    print(unreproduced_conv_note(results))
     return results
 
+
+def unreproduced_conv_note(results: list[FlopsResult]) -> str:
+    """Why the paper's Kinetics-400 STAN-conv row is not matched: the 8-frame STAN-conv rows around it miss it."""
+    conv = {
+        r.case.stan_depth: r.gmacs_per_view * PAPER_VIEWS
+        for r in results
+        if r.case.temporal_module == "conv" and r.case.num_frames == 8
+    }
+    below = max(k for k, total in conv.items() if total < PAPER_K400_CONV_GFLOPS)
+    above = min(k for k, total in conv.items() if total > PAPER_K400_CONV_GFLOPS)
+
+    def versus_paper(k):
+        return f"K={k}: {conv[k]:.1f}, {conv[k] / PAPER_K400_CONV_GFLOPS - 1:+.1%}"
+
+    return (
+        f"Not reproduced: the paper's Kinetics-400 STAN-conv-B/16 row (8 frames, {PAPER_VIEWS} views) has "
+        f"{PAPER_K400_CONV_GFLOPS} GFLOPs; the authors' module gives {versus_paper(below)} and {versus_paper(above)} "
+        f"({conv[above] - conv[below]:.1f} per layer), so no number of layers matches it."
+    )
 
 if __name__ == "__main__":
     main()

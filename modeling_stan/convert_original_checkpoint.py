@@ -17,9 +17,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel
+from transformers.utils import logging
 
 from .configuration_stan import StanConfig
 from .modeling_stan import StanForVideoTextRetrieval
+
+
+logger = logging.get_logger(__name__)
 
 
 class CheckpointConversionError(ValueError):
@@ -28,6 +32,8 @@ class CheckpointConversionError(ValueError):
 
 # Source prefix (after `backbone.` / `text_backbone.`) -> target prefix, tried in order.
 _KEY_RULES = [
+    # STAN-conv's Conv3d is called `layers` in the authors' code (`CLIPLayer_ConvTime`).
+    (r"^backbone\.(?:STAN|timesFPN)_T_layers\.(\d+)\.layers\.", r"vision_model.stan.layers.\1.temporal.conv."),
     (r"^backbone\.(?:STAN|timesFPN)_S_layers\.(\d+)\.", r"vision_model.stan.layers.\1.spatial."),
     (r"^backbone\.(?:STAN|timesFPN)_T_layers\.(\d+)\.", r"vision_model.stan.layers.\1.temporal."),
     (r"^backbone\.(?:STAN|timesFPN)_time_embed\.", "vision_model.stan.time_embedding."),
@@ -39,6 +45,10 @@ _KEY_RULES = [
     (r"^text_backbone\.text_projection\.", "text_projection."),
 ]
 _IGNORED_SOURCE_KEYS = re.compile(r"(^|\.)position_ids$")
+# Checkpoints of the authors' older `timesFPN_` code carry a branch position embedding and [CLS] token that their
+# forward pass never reads (the branch re-uses CLIP's own): they are dropped, and the log says so.
+_UNUSED_SOURCE_KEYS = re.compile(r"^backbone\.timesFPN_(pos_embed|cls_token)$")
+_CONV_TEMPORAL_LAYER = re.compile(r"^backbone\.(?:STAN|timesFPN)_T_layers\.\d+\.layers\.")
 _SPATIAL_LAYER = re.compile(r"^backbone\.(?:STAN|timesFPN)_S_layers\.(\d+)\.")
 
 
@@ -93,7 +103,8 @@ def infer_stan_depth(state_dict: dict[str, torch.Tensor]) -> int:
 
 
 def infer_temporal_module(state_dict: dict[str, torch.Tensor]) -> str:
-    return "attention" if any(".temporal_fc." in key for key in state_dict) else "conv"
+    """Both temporal modules end in a `temporal_fc`; only STAN-conv's has a convolution called `layers`."""
+    return "conv" if any(_CONV_TEMPORAL_LAYER.match(key) for key in state_dict) else "attention"
 
 
 def convert_state_dict(
@@ -101,9 +112,12 @@ def convert_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Maps every source key onto `model`'s weights, checking names and shapes; fails on anything left over."""
     target_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    converted, unmapped, mismatched = {}, [], []
+    converted, unmapped, mismatched, unused = {}, [], [], []
     for key, tensor in state_dict.items():
         if _IGNORED_SOURCE_KEYS.search(key):
+            continue
+        if _UNUSED_SOURCE_KEYS.match(key):
+            unused.append(key)
             continue
         target = map_key(key)
         if target is None or target not in target_shapes:
@@ -118,6 +132,8 @@ def convert_state_dict(
         raise CheckpointConversionError(
             f"{source}: shapes do not match the CLIP config (wrong --clip?): " + "; ".join(mismatched)
         )
+    if unused:
+        logger.warning(f"{source}: dropped {sorted(unused)}, which the authors' forward pass never reads.")
     return converted
 
 

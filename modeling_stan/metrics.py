@@ -4,12 +4,14 @@ Plain functions. Every array argument may be a `numpy.ndarray` or a `torch.Tenso
 score transforms return the same kind they were given (tensors on their own device).
 Internally everything runs in torch (no copy for numpy input). Score transforms (DSL,
 QB-Norm, view averaging) compute and return float64: their sharp softmaxes (lam = 100)
-underflow to exact zeros in float32, and the resulting ties would be counted in the
-ground truth's favour.
+underflow to exact zeros in float32, which would turn distinct scores into ties.
 
-Ranks follow the STAN convention: the rank of the ground truth is 1 + the number of
-candidates scoring *strictly* higher, so tied candidates can neither push the ground
-truth down nor make the rank undefined. R@k are percentages.
+Ties (STAN.md, section 4): with h candidates scoring strictly higher than the ground
+truth and t others scoring exactly the same, the ground truth's position is taken as
+uniformly random among h+1 ... h+t+1. A query then counts
+clamp((k - h) / (t + 1), 0, 1) towards R@k (and top-k accuracy), and its rank for MdR/MnR
+is the expected one, h + t/2 + 1. A collapsed model (all scores equal) thus scores chance,
+R@k = k / N, instead of 100%. Everything is vectorised over queries. R@k are percentages.
 """
 
 import numpy as np
@@ -43,7 +45,7 @@ def retrieval_metrics(sim, query_to_gallery=None):
     """
     scores = _score_matrix(sim, "sim")
     targets = _ground_truth(query_to_gallery, scores)
-    return _summarize_ranks(_ranks_against(scores, _scores_at(scores, targets), axis=1))
+    return _summarize_ranks(_tied_ranks(scores, _scores_at(scores, targets), axis=1))
 
 
 def gallery_to_query_metrics(sim, query_to_gallery=None):
@@ -51,20 +53,28 @@ def gallery_to_query_metrics(sim, query_to_gallery=None):
 
     `sim` and `query_to_gallery` are the same as for `retrieval_metrics` (e.g. a
     `(num_texts, num_videos)` matrix and each caption's video). When a gallery item has
-    several ground-truth queries, its rank is the best rank among them, i.e. 1 + the
-    number of queries scoring strictly higher than its best-scoring ground truth (the
-    CLIP4Clip / MSVD multi-caption convention for video -> text). Every gallery item
-    needs at least one ground-truth query.
+    several ground-truth queries, its rank is the best rank among them (the CLIP4Clip /
+    MSVD multi-caption convention for video -> text): the rank of the first of its m
+    best-scoring ground truths when the items tied at that score come in random order. With
+    h queries strictly above and o other queries tied, that counts
+    1 - C(o, k-h) / C(o+m, k-h) towards R@k and has expected rank h + 1 + o / (m + 1);
+    for m = 1 this is the single-ground-truth rule of the module docstring. Every gallery
+    item needs at least one ground-truth query.
     """
     scores = _score_matrix(sim, "sim")
     targets = _ground_truth(query_to_gallery, scores)
     captionless = (torch.bincount(targets, minlength=scores.shape[1]) == 0).nonzero().flatten().tolist()
     if captionless:
         raise ValueError(f"gallery_to_query_metrics: gallery items {captionless} have no ground-truth query.")
+    target_scores = _scores_at(scores, targets)
     best_target_scores = scores.new_full((scores.shape[1],), float("-inf")).scatter_reduce(
-        0, targets, _scores_at(scores, targets), reduce="amax"
+        0, targets, target_scores, reduce="amax"
     )
-    return _summarize_ranks(_ranks_against(scores, best_target_scores, axis=0))
+    # How many of each gallery item's ground-truth queries reach its best ground-truth score.
+    tied_targets = torch.bincount(
+        targets, weights=(target_scores == best_target_scores[targets]).double(), minlength=scores.shape[1]
+    )
+    return _summarize_ranks(_tied_ranks(scores, best_target_scores, axis=0, tied_targets=tied_targets))
 
 
 def text_to_video_and_video_to_text(sim_t2v, text_to_video=None, sim_v2t=None):
@@ -154,15 +164,16 @@ def topk_accuracy(logits, labels, ks=(1, 5)):
     Args:
         logits: `(num_samples, num_classes)` scores (logits or probabilities).
         labels: `(num_samples,)` integer class of each sample.
-        ks: the k values. A sample counts as correct at k when fewer than k classes score
-            strictly higher than its label (ties resolved in the label's favour, as ranks).
+        ks: the k values. A sample counts clamp((k - h) / (t + 1), 0, 1) towards top-k
+            accuracy, with h classes scoring strictly higher than its label and t others
+            tied with it (so constant logits score chance, k / num_classes).
     """
     scores = _score_matrix(logits, "logits")
     targets = _index_array(labels, "labels", len(scores), scores.shape[1]).to(scores.device)
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"topk_accuracy: ks must be a non-empty sequence of positive ints, got {ks!r}.")
-    ranks = _ranks_against(scores, _scores_at(scores, targets), axis=1)
-    return {f"top{k}": _percent(ranks <= k) for k in ks}
+    ranks = _tied_ranks(scores, _scores_at(scores, targets), axis=1)
+    return {f"top{k}": _percent(ranks.hit_rate(k)) for k in ks}
 
 
 def aggregate_views(logits_per_view, num_views):
@@ -192,15 +203,45 @@ def _scores_at(scores, targets):
     return scores.gather(1, targets[:, None]).squeeze(1)
 
 
-def _ranks_against(scores, target_scores, axis):
-    """1 + number of entries along `axis` scoring strictly above the target of their line."""
-    return 1 + (scores > target_scores.unsqueeze(axis)).sum(dim=axis)
+class _TiedRanks:
+    """Per line (query): h entries strictly above its ground truth, o others tied with it, and m tied
+    ground truths (1 unless several ground truths share the best score)."""
+
+    def __init__(self, higher, tied_others, tied_targets):
+        self.higher, self.tied_others, self.tied_targets = higher, tied_others, tied_targets
+
+    def hit_rate(self, k):
+        """Per line, the probability that a ground truth lands in the top k when the tied entries come in random
+        order: 1 - C(o, j) / C(o + m, j) for j = k - h free places (1 if j > o, 0 if j <= 0)."""
+        free = k - self.higher
+        o, m = self.tied_others, self.tied_targets
+        j = free.clamp(min=0).minimum(o)
+        # C(o, j) / C(o + m, j) through log-gamma: exact for small counts, no overflow for large ones.
+        all_missed = torch.exp(
+            torch.lgamma(o + 1) - torch.lgamma(o - j + 1) - torch.lgamma(o + m + 1) + torch.lgamma(o + m - j + 1)
+        )
+        hit = 1 - all_missed
+        return torch.where(free <= 0, 0.0, torch.where(free > o, 1.0, hit))
+
+    def expected(self):
+        """The expected rank of the first ground truth: h + 1 + o / (m + 1)."""
+        return self.higher + 1 + self.tied_others / (self.tied_targets + 1)
+
+
+def _tied_ranks(scores, target_scores, axis, tied_targets=None):
+    """Counts, along `axis`, the entries strictly above and tied with the target score of their line."""
+    target = target_scores.unsqueeze(axis)
+    higher = (scores > target).sum(dim=axis).double()
+    tied_targets = torch.ones_like(higher) if tied_targets is None else tied_targets.double()
+    tied_others = (scores == target).sum(dim=axis).double() - tied_targets
+    return _TiedRanks(higher, tied_others, tied_targets)
 
 
 def _summarize_ranks(ranks):
-    metrics = {f"R@{k}": _percent(ranks <= k) for k in RECALL_KS}
-    metrics["MdR"] = float(np.median(ranks.cpu().numpy()))
-    metrics["MnR"] = float(ranks.double().mean())
+    metrics = {f"R@{k}": _percent(ranks.hit_rate(k)) for k in RECALL_KS}
+    expected = ranks.expected()
+    metrics["MdR"] = float(np.median(expected.cpu().numpy()))
+    metrics["MnR"] = float(expected.mean())
     return metrics
 
 

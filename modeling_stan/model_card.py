@@ -360,9 +360,10 @@ def _spec_from_entry(entry: Mapping, namespace: str, where: str) -> CardSpec:
     if results:
         provenance = (
             f"the values are copied from {results[0].source_name}, {reported['table']}; they were obtained by the "
-            "authors and were not measured with this implementation or this checkpoint. The paper's numbers "
-            "with inference-time re-ranking (DSL, QB-Norm) are not listed."
+            "authors and were not measured with this implementation or this checkpoint."
         )
+        if task == "video-text-retrieval":
+            provenance += " The paper's numbers with inference-time re-ranking (DSL, QB-Norm) are not listed."
         limitations.append(
             "The results above are the paper's. A checkpoint trained with this package may score differently; our "
             "own measurements will be listed here, with the command that produced them, when we have them."
@@ -382,7 +383,7 @@ def _spec_from_entry(entry: Mapping, namespace: str, where: str) -> CardSpec:
         repo_id=f"{namespace}/{name}",
         origin=_require(entry, "origin", where),
         config=dict(_require(entry, "config", where)),
-        recipe=[tuple(row) for row in _require(entry, "recipe", where)],
+        recipe=[_recipe_row(row, f"{where}: recipe") for row in _require(entry, "recipe", where)],
         datasets=list(entry.get("datasets") or []),
         results=results,
         provenance=provenance,
@@ -393,6 +394,22 @@ def _spec_from_entry(entry: Mapping, namespace: str, where: str) -> CardSpec:
         license_link=entry.get("license_link"),
         extra_tags=list(entry.get("extra_tags") or []),
     )
+
+
+# What a recipe value may cite: the paper, the authors' configs or code, the released weights, or ourselves.
+RECIPE_SOURCES = ("paper, ", "authors' config ", "authors' code", "the released file", "ours")
+
+
+def _recipe_row(row, where: str) -> tuple[str, str, str]:
+    """A (setting, value, source) row; the source must name one of RECIPE_SOURCES, so a value we chose cannot pass
+    for the paper's."""
+    if not isinstance(row, (list, tuple)) or len(row) != 3 or not all(isinstance(cell, str) for cell in row):
+        raise ModelCardError(f"{where}: each row must be [setting, value, source], got {row!r}.")
+    if not row[2].startswith(RECIPE_SOURCES):
+        raise ModelCardError(
+            f"{where}: the source of {row[0]!r} must start with one of {list(RECIPE_SOURCES)}, got {row[2]!r}."
+        )
+    return tuple(row)
 
 
 def _reported_table(reported: Mapping, datasets: list[str], where: str) -> ResultTable:

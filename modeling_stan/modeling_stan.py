@@ -26,6 +26,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_stan import StanConfig
 from .mug_alignment import mug_similarity
 from .pipeline_zero_shot_video_classification import custom_pipelines
+from .vifi_prompts import PROMPT_INIT_STD, PromptTokens, TextPrompts, VisionPrompts, encode_prompted_text
 
 
 
@@ -227,27 +228,28 @@ class StanTemporalAttention(nn.Module):
 
 
 class StanTemporalConv(nn.Module):
-    """STAN-conv temporal module: a bottleneck 3D convolution over (time, height, width), identity at initialisation."""
+    """STAN-conv temporal module, as the authors define it (`CLIPLayer_ConvTime`, mode "origin", farewellthree/STAN
+    commit 38de624): a full-width 3x3x3 convolution over (time, rows, cols) of the patch tokens, DropPath, then a
+    zero-initialised D x D `temporal_fc` and the residual. No activation; the module is the identity at
+    initialisation. (The paper's text describes a D/8 bottleneck with a (3, 1, 1) kernel instead; the paper's FLOPs
+    tables match this module, see BENCHMARKS.md.)"""
 
     def __init__(self, config: StanConfig, drop_path_rate: float):
         super().__init__()
         vision_config = config.vision_config
         hidden_size = vision_config.hidden_size
-        bottleneck = hidden_size // config.conv_reduction
-        self.grid_size = vision_config.image_size // vision_config.patch_size
-        self.down = nn.Linear(hidden_size, bottleneck)
-        self.conv = nn.Conv3d(bottleneck, bottleneck, kernel_size=(3, 1, 1), padding=(1, 0, 0))
-        self.activation = nn.GELU()
-        self.up = StanZeroInitLinear(bottleneck, hidden_size)
+        self.grid_rows = vision_config.image_size // vision_config.patch_size
+        self.conv = nn.Conv3d(hidden_size, hidden_size, kernel_size=3, stride=1, padding=1)
+        self.drop_path = StanDropPath(drop_path_rate)
+        self.temporal_fc = StanZeroInitLinear(hidden_size, hidden_size)
 
     def forward(self, patch_tokens: torch.Tensor, num_frames: int, **kwargs) -> torch.Tensor:
-        batch_size, num_tokens, _ = patch_tokens.shape
-        reduced = self.down(patch_tokens)
-        # (B, P*T, d) in (p t) order -> (B, d, T, h, w) for the convolution.
-        grid = reduced.reshape(batch_size, self.grid_size, self.grid_size, num_frames, -1).permute(0, 4, 3, 1, 2)
-        mixed = self.activation(self.conv(grid))
-        mixed = mixed.permute(0, 3, 4, 2, 1).reshape(batch_size, num_tokens, -1)
-        return patch_tokens + self.up(mixed)
+        batch_size, num_tokens, hidden_size = patch_tokens.shape
+        # (B, P*T, D) in (p t) order, p = row * cols + col -> (B, D, T, rows, cols) for the convolution. The column
+        # count is left to reshape so that no size is computed in Python from the data (export-friendly).
+        grid = patch_tokens.reshape(batch_size, self.grid_rows, -1, num_frames, hidden_size).permute(0, 4, 3, 1, 2)
+        mixed = self.conv(grid).permute(0, 3, 4, 2, 1).reshape(batch_size, num_tokens, hidden_size)
+        return patch_tokens + self.temporal_fc(self.drop_path(mixed))
 
 
 TEMPORAL_MODULE_CLASSES = {"attention": StanTemporalAttention, "conv": StanTemporalConv}
@@ -420,6 +422,8 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
         elif isinstance(module, StanTimeEmbedding):
             # The authors keep torch's default N(0, 1) for the temporal embedding.
             init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, PromptTokens):
+            init.normal_(module.tokens, mean=0.0, std=PROMPT_INIT_STD)
         else:
             # CLIP's initialisation; other linear and conv layers get N(0, config.initializer_range).
             super()._init_weights(module)
@@ -442,8 +446,10 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
         if pixel_values is None or pixel_values.ndim != 5 or pixel_values.shape[2] != 3:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"pixel_values must have shape (batch, frames, 3, height, width), got {shape}.")
-        # Skipped while tracing or exporting, where a data-dependent branch cannot be captured.
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not torch.isfinite(pixel_values).all():
+        # Skipped while tracing or exporting, where a data-dependent branch cannot be captured, and on the meta
+        # device (FLOP counting), where there are no values.
+        checkable = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or pixel_values.is_meta)
+        if checkable and not torch.isfinite(pixel_values).all():
             raise NonFiniteInputError(
                 "pixel_values contain NaN or infinite values: the embeddings and scores would be NaN. Check the "
                 "frames given to the processor."
@@ -502,6 +508,9 @@ class StanVisionModel(StanPreTrainedModel):
         self.encoder = CLIPEncoder(vision_config)
         self.post_layernorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
         self.stan = StanBranch(config) if config.stan_depth > 0 else None
+        self.prompts = None
+        if config.vision_prompt_depth:
+            self.prompts = VisionPrompts(config.vision_prompt_depth, config.vision_prompt_length, vision_config.hidden_size)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -524,14 +533,19 @@ class StanVisionModel(StanPreTrainedModel):
         self._check_video(pixel_values)
         batch_size, num_frames = pixel_values.shape[:2]
         with _eager_attention_if_requested(self.config, self.config.vision_config, kwargs):
-            hidden_states = self.pre_layrnorm(self.embeddings(pixel_values.flatten(0, 1)))
+            hidden_states = self.embeddings(pixel_values.flatten(0, 1))
+            if self.prompts is not None:
+                hidden_states = self.prompts.append(hidden_states)
+            hidden_states = self.pre_layrnorm(hidden_states)
             branch_inputs = []
             first_branch_input = len(self.encoder.layers) - self.config.stan_depth
             for index, layer in enumerate(self.encoder.layers):
+                if self.prompts is not None:
+                    hidden_states = self.prompts.before_layer(hidden_states, index)
                 hidden_states = layer(hidden_states, None, **kwargs)
                 if index >= first_branch_input:
-                    branch_inputs.append(hidden_states.unflatten(0, (batch_size, num_frames)))
-            frame_states = hidden_states.unflatten(0, (batch_size, num_frames))
+                    branch_inputs.append(self._without_prompts(hidden_states).unflatten(0, (batch_size, num_frames)))
+            frame_states = self._without_prompts(hidden_states).unflatten(0, (batch_size, num_frames))
             frame_cls = frame_states[:, :, 0]
             branch_state = None
             if self.stan is not None:
@@ -544,6 +558,9 @@ class StanVisionModel(StanPreTrainedModel):
             pooler_output=self.post_layernorm(frame_cls),
             branch_last_hidden_state=branch_state,
         )
+
+    def _without_prompts(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states if self.prompts is None else self.prompts.strip(hidden_states)
 
 
 @contextmanager
@@ -574,6 +591,9 @@ class StanModel(StanPreTrainedModel):
         self.vision_model = StanVisionModel._from_config(config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        if config.text_prompt_depth:
+            raise ValueError("StanModel has no class prompts for text prompts to precede: text prompts belong to "
+                             "StanForVideoClassification with classifier_type='text_encoder'.")
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         if config.fixed_logit_scale is not None:
             # A fixed temperature (the authors' recipe) is not trained.
@@ -692,11 +712,17 @@ class StanForVideoTextRetrieval(StanModel):
 
 
 class StanForVideoClassification(StanPreTrainedModel):
-    """The STAN video tower with a classifier on the projected video embedding: a linear layer, or the authors'
-    recognition recipe (`classifier_type="text"`): logits = scale * cos(video, class embedding), the class
-    embeddings initialised from the text embeddings of the class names."""
+    """The STAN video tower with a recognition head on the projected video embedding (`config.classifier_type`):
 
-    # The text tower only initialises the text classifier; the video model does not keep it.
+    - `"linear"`: a linear layer;
+    - `"class_embeddings"`: logits = scale * cos(video, class embedding), the class matrix initialised from the text
+      embeddings of the class prompts (`config.hypothesis_template`) and trained;
+    - `"frozen_class_embeddings"`: the same, the class matrix frozen and the scale fixed (the STAN authors' head);
+    - `"text_encoder"`: the class embeddings computed at every forward pass by the model's own text tower from the
+      tokenized class prompts it keeps (ViFi-CLIP), optionally with learnable text prompts.
+    """
+
+    # The text tower only initialises the class-embedding heads; only the text-encoder head keeps it.
     _clip_prefixes_not_kept = ("text_model.", "text_projection.", "logit_scale")
 
     def __init__(self, config: StanConfig):
@@ -704,49 +730,120 @@ class StanForVideoClassification(StanPreTrainedModel):
         self.num_labels = config.num_labels
         self.vision_model = StanVisionModel._from_config(config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
-        is_text_classifier = config.classifier_type == "text"
-        self.classifier = nn.Linear(config.projection_dim, config.num_labels, bias=not is_text_classifier)
-        self.logit_scale = None
-        if is_text_classifier:
+        head = config.classifier_type
+        self.classifier = self.text_model = self.text_projection = self.text_prompts = self.logit_scale = None
+        if head == "text_encoder":
+            self.text_model = CLIPTextModel._from_config(config.text_config)
+            self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+            if config.text_prompt_depth:
+                self.text_prompts = TextPrompts(config.text_prompt_depth, config.text_prompt_length,
+                                                config.text_config.hidden_size)
+            # The tokenized class prompts, padded to every text position as ViFi-CLIP does, so that their shape
+            # follows from the config (with or without prompts) and they are saved with the weights.
+            shape = (config.num_labels, config.text_config.max_position_embeddings)
+            self.register_buffer("class_input_ids", torch.zeros(shape, dtype=torch.long))
+            self.register_buffer("class_attention_mask", torch.zeros(shape, dtype=torch.long))
+        else:
+            self.classifier = nn.Linear(config.projection_dim, config.num_labels, bias=head == "linear")
+            if head == "frozen_class_embeddings":
+                self.classifier.weight.requires_grad_(False)
+        if head != "linear":
             self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
             if config.fixed_logit_scale is not None:
                 self.logit_scale.requires_grad_(False)
         self.post_init()
 
+    def _class_prompt_budget(self) -> int:
+        """Tokens a class prompt may use: the text positions the text prompts leave."""
+        prompt_tokens = self.config.text_prompt_length if self.config.text_prompt_depth else 0
+        return self.config.text_config.max_position_embeddings - prompt_tokens
+
     @classmethod
-    def from_clip_pretrained(
-        cls, clip_name_or_path, *, clip_kwargs=None, class_names=None, hypothesis_template="a video of {}.", **stan_kwargs
-    ):
-        """As `StanPreTrainedModel.from_clip_pretrained`. For `classifier_type="text"` the classifier starts from the
-        CLIP text embeddings of `hypothesis_template.format(name)` for each class (names from `class_names`, else
-        `id2label`), computed with the checkpoint's tokenizer."""
+    def from_clip_pretrained(cls, clip_name_or_path, *, clip_kwargs=None, class_names=None, **stan_kwargs):
+        """As `StanPreTrainedModel.from_clip_pretrained`, with the classes named by `class_names` (else `id2label`).
+        The class-embedding heads start from the CLIP text embeddings of the class prompts; the text-encoder head
+        keeps CLIP's text tower and the tokenized class prompts (and starts its text prompts from
+        `text_prompt_init` where the config asks for it)."""
+        from transformers import AutoTokenizer
+
         if class_names is not None:
             stan_kwargs.setdefault("id2label", dict(enumerate(class_names)))
         model = super().from_clip_pretrained(clip_name_or_path, clip_kwargs=clip_kwargs, **stan_kwargs)
-        if model.config.classifier_type == "text":
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(clip_name_or_path)
-            clip = CLIPModel.from_pretrained(clip_name_or_path, **(clip_kwargs or {}))
-            names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-            prompts = [hypothesis_template.format(name) for name in names]
-            with torch.no_grad():
-                inputs = tokenizer(prompts, padding=True, return_tensors="pt")
-                text_embeds = clip.get_text_features(**inputs).pooler_output
-            model.init_classifier_from_text(text_embeds)
-            model.logit_scale.data.copy_(clip.logit_scale.data)
+        if model.config.classifier_type == "linear":
+            return model
+        tokenizer = AutoTokenizer.from_pretrained(clip_name_or_path)
+        if model.text_model is not None:
+            model.set_class_names(model.class_names(), tokenizer)
+            if model.text_prompts is not None:
+                model.init_text_prompts_from_phrase(tokenizer)
+            return model
+        clip = CLIPModel.from_pretrained(clip_name_or_path, **(clip_kwargs or {}))
+        model.init_class_embeddings(clip, tokenizer)
         return model
 
     def get_input_embeddings(self) -> nn.Module:
         return self.vision_model.get_input_embeddings()
 
+    def class_names(self) -> list[str]:
+        return [self.config.id2label[i] for i in range(self.config.num_labels)]
+
+    @torch.no_grad()
+    def init_class_embeddings(self, dual_encoder: nn.Module, tokenizer) -> None:
+        """Starts a class-embedding head from `dual_encoder`'s (a `CLIPModel` or `StanModel`) text embeddings of the
+        class prompts, and from its logit scale unless the scale is fixed."""
+        inputs = tokenize_class_prompts(tokenizer, self.class_names(), self.config.hypothesis_template)
+        inputs = {name: tensor.to(dual_encoder.device) for name, tensor in inputs.items()}
+        self.init_classifier_from_text(dual_encoder.get_text_features(**inputs).pooler_output)
+        if self.config.fixed_logit_scale is None:
+            self.logit_scale.copy_(dual_encoder.logit_scale)
+
     def init_classifier_from_text(self, text_embeds: torch.Tensor) -> None:
-        """Sets the class embeddings of the text classifier, shape (num_labels, projection_dim)."""
+        """Sets the class embeddings of a class-embedding head, shape (num_labels, projection_dim)."""
+        if self.classifier is None or self.config.classifier_type == "linear":
+            raise ValueError(f"classifier_type={self.config.classifier_type!r} has no class embeddings to set.")
         expected = (self.config.num_labels, self.config.projection_dim)
         if tuple(text_embeds.shape) != expected:
             raise ValueError(f"text_embeds must have shape {expected}, got {tuple(text_embeds.shape)}.")
         with torch.no_grad():
             self.classifier.weight.copy_(text_embeds.to(self.classifier.weight.dtype))
+
+    def set_class_names(self, class_names: list[str], tokenizer) -> None:
+        """Points the text-encoder head at a new class list (e.g. another dataset's, for zero-shot recognition):
+        `id2label` and the tokenized class prompts."""
+        if self.text_model is None:
+            raise ValueError(f"classifier_type={self.config.classifier_type!r} cannot change its classes: only the "
+                             "'text_encoder' head computes class embeddings from class names.")
+        inputs = tokenize_class_prompts(tokenizer, class_names, self.config.hypothesis_template,
+                                        length=self.config.text_config.max_position_embeddings,
+                                        budget=self._class_prompt_budget())
+        self.config.id2label = dict(enumerate(class_names))
+        self.config.label2id = {name: index for index, name in enumerate(class_names)}
+        self.num_labels = len(class_names)
+        device = self.text_projection.weight.device
+        self.class_input_ids = inputs["input_ids"].to(device)
+        self.class_attention_mask = inputs["attention_mask"].to(device)
+
+    def init_text_prompts_from_phrase(self, tokenizer) -> bool:
+        """Starts the first-layer text prompts from `config.text_prompt_init`; False if the phrase is too short."""
+        if self.config.text_prompt_init is None:
+            return False
+        phrase_ids = tokenizer(self.config.text_prompt_init, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        return self.text_prompts.init_from_phrase(phrase_ids, self.text_model.embeddings.token_embedding)
+
+    def class_embeddings(self) -> torch.Tensor:
+        """The (num_labels, projection_dim) class embeddings, not normalised."""
+        if self.text_model is None:
+            return self.classifier.weight
+        if not bool(self.class_attention_mask.any(dim=1).all()):
+            # A folder without class prompts (e.g. a StanModel's) loads with empty ones: never score against those.
+            raise ValueError("The text-encoder head has no class prompt for some classes: call "
+                             "set_class_names(class_names, tokenizer) first.")
+        if self.text_prompts is None:
+            pooled = self.text_model(input_ids=self.class_input_ids, attention_mask=self.class_attention_mask).pooler_output
+        else:
+            pooled = encode_prompted_text(self.text_model, self.class_input_ids, self.class_attention_mask,
+                                          self.text_prompts)
+        return self.text_projection(pooled)
 
     @can_return_tuple
     def forward(
@@ -763,7 +860,7 @@ class StanForVideoClassification(StanPreTrainedModel):
             logits = self.classifier(video_embeds)
         else:
             scale = _logit_scale_value(self.logit_scale, self.config)
-            logits = scale * l2_normalize(video_embeds) @ l2_normalize(self.classifier.weight).t()
+            logits = scale * l2_normalize(video_embeds) @ l2_normalize(self.class_embeddings()).t()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits, labels.to(logits.device))
@@ -774,6 +871,23 @@ class StanForVideoClassification(StanPreTrainedModel):
             hidden_states=vision_outputs.hidden_states,
             attentions=vision_outputs.attentions,
         )
+
+
+def tokenize_class_prompts(tokenizer, class_names: list[str], template: str, length: int | None = None,
+                           budget: int | None = None) -> dict:
+    """`template.format(name)` for each class, tokenized; padded to `length` tokens if given (longest otherwise).
+    Underscores in names read as spaces ("brush_hair": "brush hair"), as ViFi-CLIP writes its prompts. A prompt of
+    more than `budget` (default `length`) tokens is an error, never silently cut."""
+    prompts = [template.format(name.replace("_", " ")) for name in class_names]
+    padding = {"padding": True} if length is None else {"padding": "max_length", "max_length": length}
+    inputs = tokenizer(prompts, return_tensors="pt", **padding)
+    budget = budget or length
+    if budget is not None:
+        too_long = [p for p, mask in zip(prompts, inputs["attention_mask"]) if int(mask.sum()) > budget]
+        if too_long:
+            raise ValueError(f"These class prompts have more than the {budget} tokens the text tower leaves them: "
+                             f"{too_long[:5]}")
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
 
 
 # PEFT's sequence-classification wrapper (`task_type="SEQ_CLS"`) calls the model with a text classifier's inputs, None.

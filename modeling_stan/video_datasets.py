@@ -625,6 +625,36 @@ def _check_split_fold(builder: str, split: str, fold: int) -> None:
         raise ValueError(f"{builder}: fold must be 1, 2 or 3, got {fold!r}.")
 
 
+def load_vifi_split(
+    split_file: str | os.PathLike, labels_file: str | os.PathLike, video_dir: str | os.PathLike
+) -> Dataset:
+    """One split in ViFi-CLIP's layout (`datasets_splits/` and `labels/` of muzairkhattak/ViFi-CLIP), one row per
+    listed video; the label names come from the labels file, so base and novel class sets number their classes
+    independently, as the authors do.
+
+    Args:
+        split_file: lines `<video path relative to video_dir> <0-based label id>`, e.g. `v_ApplyEyeMakeup_g01_c01.avi 0`
+            or `val/0wR5jVB-WPk_000417_000427.mp4 0`.
+        labels_file: a CSV `id,name` with ids 0, 1, ... in order (`0,brush hair`).
+        video_dir: the folder the split file's paths are relative to (their `DATA.ROOT`).
+    """
+    root = _video_root(video_dir)
+    class_names = []
+    for number, row in _read_csv(labels_file, ("id", "name")):
+        if _int(row["id"], labels_file, f"line {number}", "the class id") != len(class_names):
+            raise AnnotationError(labels_file, f"line {number}", f"expected class id {len(class_names)}, got {row['id']}")
+        class_names.append(row["name"])
+    records = []
+    for number, line in _read_lines(split_file):
+        relative, label = _split_line(split_file, number, line, None, 2, "'<video path> <label id>'")
+        label_id = _int(label, split_file, f"line {number}", "the label id")
+        if not 0 <= label_id < len(class_names):
+            raise AnnotationError(split_file, f"line {number}",
+                                  f"label id {label_id} is not a class of {labels_file} (0 to {len(class_names) - 1})")
+        records.append(_Record(Path(relative).stem, os.path.join(root, relative), label_id))
+    return _classification_dataset("vifi", [labels_file, split_file], root, records, class_names)
+
+
 def load_video_folder(
     root: str | os.PathLike,
     *,
@@ -818,6 +848,7 @@ __all__ = [
     "load_something_something_v2",
     "load_ucf101",
     "load_video_folder",
+    "load_vifi_split",
     "load_webvid",
     "make_decode_transform",
     "unique_video_rows",

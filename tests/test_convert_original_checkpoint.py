@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT, shared_path
 from safetensors.torch import load_file, save_file
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from modeling_stan import StanForVideoTextRetrieval
 from modeling_stan.convert_original_checkpoint import (
@@ -19,6 +21,7 @@ from modeling_stan.mug_alignment import mug_similarity
 
 
 PARITY = ("parity", "stan_attention_k4_t8")
+CONV_PARITY = ("parity", "stan_conv_k2_t8")
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +29,8 @@ def parity_dir():
     return shared_path(*PARITY)
 
 
-@pytest.fixture(scope="module")
-def converted_dir(parity_dir, tmp_path_factory):
-    """The parity checkpoint converted with the command-line tool, as a user would."""
-    output = tmp_path_factory.mktemp("converted")
+def _convert_with_cli(parity_dir, output):
+    """A parity checkpoint converted with the command-line tool, as a user would."""
     meta = json.loads((parity_dir / "meta.json").read_text())
     subprocess.run(
         [
@@ -47,28 +48,69 @@ def converted_dir(parity_dir, tmp_path_factory):
     return output
 
 
-def test_converted_model_reproduces_the_authors_outputs(parity_dir, converted_dir):
-    expected = load_file(str(parity_dir / "io.safetensors"))
-    model = StanForVideoTextRetrieval.from_pretrained(converted_dir).eval()
-    assert (model.config.stan_depth, model.config.temporal_module) == (4, "attention")  # inferred
+@pytest.fixture(scope="module")
+def converted_dir(parity_dir, tmp_path_factory):
+    return _convert_with_cli(parity_dir, tmp_path_factory.mktemp("converted"))
+
+
+def _assert_reproduces_embeddings_and_loss(model, expected):
+    """Video, frame, text and token embeddings and the summed loss to 1e-5; returns the video and text features."""
     with torch.no_grad():
         video = model.get_video_features(expected["pixel_values"])
         text = model.get_text_features(expected["input_ids"], expected["attention_mask"])
         out = model(
             input_ids=expected["input_ids"], attention_mask=expected["attention_mask"], pixel_values=expected["pixel_values"]
         )
-        mug = {
-            variant: mug_similarity(text.token_embeds, expected["attention_mask"], video.frame_embeds, variant=variant)
-            for variant in ("simple", "full")
-        }
     close = dict(atol=1e-5, rtol=0)
     torch.testing.assert_close(video.pooler_output, expected["video_embeds"], **close)
     torch.testing.assert_close(video.frame_embeds, expected["frame_embeds"], **close)
     torch.testing.assert_close(text.pooler_output, expected["text_embeds"], **close)
     torch.testing.assert_close(text.token_embeds, expected["text_token_embeds"], **close)
     torch.testing.assert_close(out.loss.reshape(1), expected["contrastive_loss"], **close)
-    torch.testing.assert_close(mug["simple"], expected["mug_logits_simple"], **close)
-    torch.testing.assert_close(mug["full"], expected["mug_logits_full"], **close)
+    return video, text
+
+
+def test_converted_model_reproduces_the_authors_outputs(parity_dir, converted_dir):
+    expected = load_file(str(parity_dir / "io.safetensors"))
+    model = StanForVideoTextRetrieval.from_pretrained(converted_dir).eval()
+    assert (model.config.stan_depth, model.config.temporal_module) == (4, "attention")  # inferred
+    video, text = _assert_reproduces_embeddings_and_loss(model, expected)
+    with torch.no_grad():
+        for variant in ("simple", "full"):
+            mug = mug_similarity(text.token_embeds, expected["attention_mask"], video.frame_embeds, variant=variant)
+            torch.testing.assert_close(mug, expected[f"mug_logits_{variant}"], atol=1e-5, rtol=0)
+
+
+def test_converted_stan_conv_reproduces_the_authors_outputs(tmp_path):
+    parity_dir = shared_path(*CONV_PARITY)
+    converted = _convert_with_cli(parity_dir, tmp_path / "converted")
+    expected = load_file(str(parity_dir / "io.safetensors"))
+    model = StanForVideoTextRetrieval.from_pretrained(converted).eval()
+    assert (model.config.stan_depth, model.config.temporal_module) == (2, "conv")  # inferred from the keys
+    _assert_reproduces_embeddings_and_loss(model, expected)
+
+
+def test_timesfpn_era_conv_checkpoint_drops_its_two_unused_parameters_and_says_so(tmp_path):
+    parity_dir = shared_path(*CONV_PARITY)
+    official = _official(parity_dir)
+    state = {k.replace("backbone.STAN_", "backbone.timesFPN_"): v for k, v in official.items()}
+    hidden = official["backbone.STAN_time_embed.weight"].shape[1]
+    state["backbone.timesFPN_pos_embed"] = torch.randn(17, hidden)
+    state["backbone.timesFPN_cls_token"] = torch.randn(1, 1, hidden)
+    path = tmp_path / "timesfpn_conv.pth"
+    torch.save({"state_dict": state}, path)
+    logger = logging.get_logger("modeling_stan.convert_original_checkpoint")
+    with CaptureLogger(logger) as captured:
+        model = convert_original_checkpoint(path, parity_dir / "clip")
+    assert "['backbone.timesFPN_cls_token', 'backbone.timesFPN_pos_embed']" in captured.out
+    assert model.config.temporal_module == "conv"
+    conv = model.vision_model.stan.layers[1].temporal.conv
+    assert torch.equal(conv.weight, official["backbone.STAN_T_layers.1.layers.weight"])
+
+    state["backbone.timesFPN_pos_embed_extra"] = torch.zeros(1)
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(CheckpointConversionError, match=r"1 keys could not be mapped: \['backbone.timesFPN_pos_embed_extra'\]"):
+        convert_original_checkpoint(path, parity_dir / "clip")
 
 
 def test_mug_alignment_head_matches_the_authors(parity_dir, converted_dir):

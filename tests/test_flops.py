@@ -37,8 +37,8 @@ CLIP_PER_FRAME = P * D * (3 * 16 * 16) + L * N * (4 * D * D + 2 * D * M) + D * E
 SPATIAL_PER_VIDEO = T * N * 4 * D * D + (1 + P * T) * 2 * D * M  # per-frame q/k/v/o, MLP over the branch sequence
 TEMPORAL_PER_VIDEO = {
     "attention": P * T * 5 * D * D,  # q/k/v/o and temporal_fc on every patch token
-    # down D->D/8, Conv3d (3,1,1) over D/8 channels, up D/8->D, on every patch token
-    "conv": P * T * (D * (D // 8) + (D // 8) * (D // 8) * 3 + (D // 8) * D),
+    # full-width Conv3d 3x3x3 (every output reads D x 27 inputs, padded borders included) and temporal_fc
+    "conv": P * T * (D * D * 27 + D * D),
 }
 
 
@@ -86,6 +86,17 @@ def test_meta_weights_count_the_same_as_real_weights():
 )
 def test_clip_b16_stan_self_matches_the_paper_within_one_percent(stan_depth, num_frames, paper_gflops_3_views):
     config = BACKBONES["b16"].stan_config(stan_depth=stan_depth, temporal_module="attention")
+    model = empty_model(StanModel, config)
+    gflops_per_view = count_macs(model, torch.empty(1, num_frames, 3, 224, 224, device="meta")) / 1e9
+    assert gflops_per_view * 3 == pytest.approx(paper_gflops_3_views, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "stan_depth, num_frames, paper_gflops_3_views",
+    [(4, 8, 845)],  # STAN paper, SSv2 table, STAN-conv B/16 8 frames; the paper does not give K for it
+)
+def test_clip_b16_stan_conv_matches_the_paper_within_one_percent(stan_depth, num_frames, paper_gflops_3_views):
+    config = BACKBONES["b16"].stan_config(stan_depth=stan_depth, temporal_module="conv")
     model = empty_model(StanModel, config)
     gflops_per_view = count_macs(model, torch.empty(1, num_frames, 3, 224, 224, device="meta")) / 1e9
     assert gflops_per_view * 3 == pytest.approx(paper_gflops_3_views, rel=0.01)

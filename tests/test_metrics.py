@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 MULTI_CAPTION_SIM = np.array(
     [
         [0.9, 0.5, 0.1],  # gt v0 = 0.9, nothing higher             -> rank 1
-        [0.3, 0.6, 0.3],  # gt v0 = 0.3, 0.6 higher (0.3 tie is not) -> rank 2
+        [0.3, 0.6, 0.3],  # gt v0 = 0.3, 0.6 higher, tie with v2      -> rank 2 or 3: 2.5
         [0.2, 0.4, 0.7],  # gt v1 = 0.4, 0.7 higher                  -> rank 2
         [0.8, 0.1, 0.5],  # gt v2 = 0.5, 0.8 higher                  -> rank 2
     ],
@@ -48,25 +48,85 @@ def test_ranks_cut_offs_median_and_mean():
     assert metrics["MnR"] == pytest.approx(70 / 12)
 
 
-def test_ties_count_in_favour_of_the_ground_truth_and_do_not_crash():
-    metrics = retrieval_metrics(np.ones((4, 4), dtype=np.float32))
-    assert metrics == {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "MdR": 1.0, "MnR": 1.0}
+def test_a_collapsed_model_scores_chance_in_both_directions():
+    # All scores equal: the ground truth is equally likely at every one of the N places.
+    n = 20
+    metrics = text_to_video_and_video_to_text(np.ones((n, n), dtype=np.float32))
+    for direction in ("t2v", "v2t"):
+        assert metrics[f"{direction}_R@1"] == pytest.approx(100 * 1 / n)
+        assert metrics[f"{direction}_R@5"] == pytest.approx(100 * 5 / n)
+        assert metrics[f"{direction}_R@10"] == pytest.approx(100 * 10 / n)
+        assert metrics[f"{direction}_MdR"] == pytest.approx((n + 1) / 2)
+        assert metrics[f"{direction}_MnR"] == pytest.approx((n + 1) / 2)
 
 
-def test_square_matrix_defaults_to_the_diagonal():
+def test_a_collapsed_model_scores_chance_after_re_ranking():
+    sim = np.full((8, 8), 0.3)
+    assert retrieval_metrics(dual_softmax(sim, axis=0))["R@1"] == pytest.approx(100 / 8)
+    assert retrieval_metrics(querybank_normalize(sim, np.full((5, 8), 0.3)))["R@5"] == pytest.approx(100 * 5 / 8)
+
+
+def test_square_matrix_defaults_to_the_diagonal_and_splits_ties():
     sim = torch.tensor([[0.9, 0.1, 0.9], [0.2, 0.5, 0.7], [0.3, 0.3, 0.1]])
-    # ranks: 1 (0.9 tie not counted), 2 (0.7 > 0.5), 3 (0.3, 0.3 > 0.1)
+    # row 0: tied with one other -> rank 1 or 2: counts 1/2 towards R@1, rank 1.5
+    # row 1: 0.7 > 0.5 -> rank 2; row 2: 0.3, 0.3 > 0.1 -> rank 3
     metrics = retrieval_metrics(sim)
-    assert metrics["R@1"] == pytest.approx(100 / 3)
-    assert metrics["MdR"] == 2.0 and metrics["MnR"] == 2.0
+    assert metrics["R@1"] == pytest.approx(100 * 0.5 / 3)
+    assert metrics["R@5"] == 100.0
+    assert metrics["MdR"] == 2.0 and metrics["MnR"] == pytest.approx((1.5 + 2 + 3) / 3)
+
+
+def test_ties_behind_higher_scores_split_the_cut_off():
+    # gt 0.5 with h=2 strictly higher and t=3 others tied: rank uniform in 3..6
+    sim = np.array([[0.5, 0.9, 0.8, 0.5, 0.5, 0.5, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    metrics = retrieval_metrics(sim, np.array([0]))
+    assert metrics["R@1"] == 0.0  # k - h < 0
+    assert metrics["R@5"] == pytest.approx(100 * 3 / 4)  # ranks 3, 4, 5 of 3..6
+    assert metrics["R@10"] == 100.0
+    assert metrics["MdR"] == pytest.approx(4.5) and metrics["MnR"] == pytest.approx(4.5)  # 2 + 3/2 + 1
+
+
+def test_video_to_text_with_several_tied_ground_truth_captions():
+    # texts 0, 1 -> video 0; texts 2, 3 -> video 1
+    sim = np.array([[0.5, 0.9], [0.5, 0.2], [0.5, 0.3], [0.1, 0.3]])
+    # v0: captions t0, t1 and the other text t2 all at 0.5: the first of the three (random order) is a caption
+    #     with probability 2/3; expected position 1 * 2/3 + 2 * 1/3 = 4/3.
+    # v1: t0 (0.9) above, captions t2, t3 tied at 0.3 -> rank 2 exactly.
+    metrics = gallery_to_query_metrics(sim, np.array([0, 0, 1, 1]))
+    assert metrics["R@1"] == pytest.approx(100 * (2 / 3 + 0) / 2)
+    assert metrics["R@5"] == 100.0
+    assert metrics["MnR"] == pytest.approx((4 / 3 + 2) / 2) and metrics["MdR"] == pytest.approx((4 / 3 + 2) / 2)
+
+
+def naive_tie_rule(scores, targets, k):
+    """The rule of STAN.md section 4, one query at a time."""
+    hits, ranks = [], []
+    for row, target in zip(scores, targets):
+        higher = int((row > row[target]).sum())
+        tied = int((row == row[target]).sum()) - 1
+        hits.append(min(max((k - higher) / (tied + 1), 0.0), 1.0))
+        ranks.append(higher + tied / 2 + 1)
+    return 100 * np.mean(hits), np.median(ranks), np.mean(ranks)
+
+
+def test_vectorised_tie_rule_matches_the_rule_query_by_query():
+    generator = np.random.default_rng(3)
+    scores = generator.integers(0, 4, (200, 30)).astype(np.float64)  # few distinct values: ties everywhere
+    targets = generator.integers(0, 30, 200)
+    metrics = retrieval_metrics(scores, targets)
+    for k in (1, 5, 10):
+        hit_rate, median, mean = naive_tie_rule(scores, targets, k)
+        assert metrics[f"R@{k}"] == pytest.approx(hit_rate)
+    assert metrics["MdR"] == pytest.approx(median) and metrics["MnR"] == pytest.approx(mean)
+    assert topk_accuracy(scores, targets, ks=(5,))["top5"] == pytest.approx(naive_tie_rule(scores, targets, 5)[0])
 
 
 def test_multi_caption_text_to_video_and_best_caption_video_to_text():
     metrics = text_to_video_and_video_to_text(MULTI_CAPTION_SIM, MULTI_CAPTION_TEXT_TO_VIDEO)
-    # t2v ranks [1, 2, 2, 2]
+    # t2v ranks [1, 2.5, 2, 2]
     assert metrics["t2v_R@1"] == pytest.approx(25.0)
     assert metrics["t2v_R@5"] == 100.0
-    assert metrics["t2v_MdR"] == 2.0 and metrics["t2v_MnR"] == pytest.approx(1.75)
+    assert metrics["t2v_MdR"] == 2.0 and metrics["t2v_MnR"] == pytest.approx(7.5 / 4)
     # v2t, column by column, a video's best caption:
     # v0 [0.9, 0.3, 0.2, 0.8], captions t0 (0.9), t1 -> best 0.9 -> rank 1
     # v1 [0.5, 0.6, 0.4, 0.1], caption t2 (0.4)        -> rank 3
@@ -186,8 +246,20 @@ def test_querybank_normalize_bad_inputs_raise(bank, k, message):
 
 def test_topk_accuracy_with_ties():
     logits = np.array([[0.1, 0.5, 0.4], [0.3, 0.3, 0.2], [0.9, 0.05, 0.05]])
-    # label 2: 0.5 higher -> rank 2; label 1: tie with 0.3 -> rank 1; label 1: 0.9 higher -> rank 2
-    assert topk_accuracy(logits, np.array([2, 1, 1]), ks=(1, 2)) == {"top1": pytest.approx(100 / 3), "top2": 100.0}
+    # label 2: 0.5 higher -> rank 2 (top1 0, top2 1)
+    # label 1: tied with one other -> rank 1 or 2 (top1 1/2, top2 1)
+    # label 1: 0.9 higher, tied with one other -> rank 2 or 3 (top1 0, top2 1/2)
+    assert topk_accuracy(logits, np.array([2, 1, 1]), ks=(1, 2)) == {
+        "top1": pytest.approx(100 * 0.5 / 3),
+        "top2": pytest.approx(100 * 2.5 / 3),
+    }
+
+
+def test_constant_logits_score_chance_top_k():
+    assert topk_accuracy(np.zeros((4, 10)), np.array([0, 3, 7, 9]), ks=(1, 5)) == {
+        "top1": pytest.approx(10.0),
+        "top5": pytest.approx(50.0),
+    }
 
 
 @pytest.mark.parametrize(

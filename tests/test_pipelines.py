@@ -47,7 +47,7 @@ def retrieval(tiny_clip_dir):
 @pytest.fixture(scope="module")
 def classification(tiny_clip_dir):
     model = StanForVideoClassification.from_clip_pretrained(
-        tiny_clip_dir, stan_depth=1, num_frames=NUM_FRAMES, drop_path_rate=0.0, classifier_type="text",
+        tiny_clip_dir, stan_depth=1, num_frames=NUM_FRAMES, drop_path_rate=0.0, classifier_type="class_embeddings",
         class_names=CLASSES,
     )
     return model.eval(), tiny_processor(tiny_clip_dir)

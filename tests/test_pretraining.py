@@ -220,11 +220,11 @@ def test_zero_shot_retrieval_from_a_post_pretrained_checkpoint(tmp_path, two_pro
 def test_classification_fine_tunes_from_a_post_pretrained_checkpoint(tmp_path, two_process_run, data_dir):
     """The towers come from the dual encoder; the head is new, sized by the data's labels, of the requested type."""
     results = run(run_classification, tmp_path / "out", "--model_name_or_path", two_process_run / "out",
-                  "--data_dir", data_dir, *DATA, "--classifier_type", "text", "--max_steps", 1,
+                  "--data_dir", data_dir, *DATA, "--classifier_type", "class_embeddings", "--max_steps", 1,
                   "--per_device_train_batch_size", 4, "--eval_strategy", "no", "--save_strategy", "no")
     assert 0 <= results["test"]["top1"] <= 100
     model = run_classification.StanForVideoClassification.from_pretrained(tmp_path / "out")
-    assert (model.config.classifier_type, model.config.num_labels, model.config.stan_depth) == ("text", 4, 1)
+    assert (model.config.classifier_type, model.config.num_labels, model.config.stan_depth) == ("class_embeddings", 4, 1)
 
 
 def test_options_of_the_command_line_and_its_config_file_count_as_given(tmp_path):

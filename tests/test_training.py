@@ -8,6 +8,7 @@ on a small synthetic dataset generated once per module.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,8 @@ import run_classification  # noqa: E402
 import run_pretraining  # noqa: E402
 import run_retrieval  # noqa: E402
 import stan_training  # noqa: E402
-from stan_checkpointing import CheckpointManager  # noqa: E402
+from stan_arguments import ScriptCommandLine  # noqa: E402
+from stan_checkpointing import CheckpointManager, RerunError, choose_checkpoint  # noqa: E402
 
 
 SIZES = {"train": 16, "validation": 8, "test": 8}
@@ -56,10 +58,13 @@ def _reset_accelerate() -> None:
 
 def run(script, output_dir, *flags) -> dict:
     _reset_accelerate()
+    started = time.monotonic()
     try:
         return script.main(["--output_dir", str(output_dir), *map(str, flags)])
     finally:
         _reset_accelerate()
+        # Progress of a long module (`pytest -s` shows it).
+        print(f"[{script.__name__} -> {output_dir.name}: {time.monotonic() - started:.0f} s]", flush=True)
 
 
 def dump(folder, rank: int = 0) -> list[dict]:
@@ -82,13 +87,32 @@ def data_dir(tmp_path_factory):
     return root
 
 
+def corrupt_copy(data_dir, destination, videos):
+    """A copy of the synthetic dataset whose `videos` (indices) are unreadable."""
+    shutil.copytree(data_dir, destination, symlinks=True)
+    for index in videos:
+        (destination / "videos" / f"video{index}.mp4").write_bytes(b"\x00not a video" * 50)
+    return destination
+
+
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, data_dir):
-    """An uninterrupted 6-step run: its per-step losses and final weight hash."""
+def resumable_data_dir(tmp_path_factory, data_dir):
+    """Two unreadable training videos (4 of the 32 training captions): the resumption tests also check that the
+    corrupt-sample counts of a resumed run equal an uninterrupted run's."""
+    return corrupt_copy(data_dir, tmp_path_factory.mktemp("resumable") / "data", videos=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, resumable_data_dir):
+    """An uninterrupted 6-step run: its per-step losses, final weight hash (`dump`) and `all_results.json`."""
     folder = tmp_path_factory.mktemp("reference")
-    run(run_retrieval, folder / "out", *RESUMABLE, "--data_dir", data_dir, "--max_steps", 6,
+    run(run_retrieval, folder / "out", *RESUMABLE, "--data_dir", resumable_data_dir, "--max_steps", 6,
         "--debug_dump_dir", folder / "dump")
-    return dump(folder / "dump")
+    return {"dump": dump(folder / "dump"), "results": results_file(folder / "out")}
+
+
+def results_file(output_dir) -> dict:
+    return json.loads((output_dir / "all_results.json").read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,14 +148,17 @@ def test_parameter_groups_follow_the_authors_recipe():
     assert sorted(group_of) == sorted(trainable) and sum(len(g["params"]) for g in groups) == len(trainable)
 
 
+def retrieval_command_line(**recipe_defaults) -> ScriptCommandLine:
+    return ScriptCommandLine(run_retrieval.COMMAND_LINE.argument_types, recipe_defaults, {}, ("msrvtt",))
+
+
 def test_config_file_then_flags_override(tmp_path):
     config = tmp_path / "recipe.yaml"
     # YAML reads 2e-5 as a string: it must still become a float, as the same flag would.
     config.write_text("learning_rate: 2e-5\nnum_frames: 12\nrandom_resized_crop_scale: [0.5, 1.0]\n"
                       "gradient_checkpointing: true\nalignment: mug\n")
-    model, data, retrieval, training = stan_training.parse_arguments(
-        run_retrieval.RetrievalScript.argument_types, {"num_frames": 4, "learning_rate": 1.0},
-        ["--config", str(config), "--num_frames", "16"],
+    model, data, retrieval, training = retrieval_command_line(num_frames=4, learning_rate=1.0).parse(
+        ["--config", str(config), "--num_frames", "16"]
     )
     assert training.learning_rate == 2e-5
     assert data.num_frames == 16  # the flag beats the file, which beats the script default
@@ -139,27 +166,31 @@ def test_config_file_then_flags_override(tmp_path):
     assert model.gradient_checkpointing is True and retrieval.alignment == "mug"
 
 
-def test_config_file_errors_name_the_file_and_option(tmp_path):
-    unknown = tmp_path / "unknown.yaml"
-    unknown.write_text("learning_rat: 1.0\n")
-    with pytest.raises(ValueError, match=r"unknown\.yaml.*learning_rat"):
-        stan_training.parse_arguments(run_retrieval.RetrievalScript.argument_types, {}, ["--config", str(unknown)])
-    wrong_type = tmp_path / "wrong.json"
-    wrong_type.write_text('{"num_frames": "eight"}')
-    with pytest.raises(ValueError, match=r"wrong\.json.*num_frames"):
-        stan_training.parse_arguments(run_retrieval.RetrievalScript.argument_types, {}, ["--config", str(wrong_type)])
-    with pytest.raises(ValueError, match="--eval_strategy"):
-        stan_training.parse_arguments(run_retrieval.RetrievalScript.argument_types, {}, ["--eval_strategy", "sometimes"])
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "{tmp}/unknown.yaml"], r"unknown\.yaml.*learning_rat"),
+    (["--config", "{tmp}/wrong.json"], r"wrong\.json.*num_frames"),
+    (["--config", "{tmp}/missing.yaml"], r"missing\.yaml: no such file"),
+    (["--eval_strategy", "sometimes"], r"--eval_strategy.*invalid choice: 'sometimes'"),
+    (["--eval_strategy", "steps"], r"--eval_strategy steps needs --eval_steps > 0"),
+    (["--learning_rat", "1"], r"not used by the HfArgumentParser: \['--learning_rat', '1'\]"),  # no abbreviations
+])
+def test_bad_options_exit_with_a_message_naming_them(tmp_path, capsys, argv, message):
+    (tmp_path / "unknown.yaml").write_text("learning_rat: 1.0\n")
+    (tmp_path / "wrong.json").write_text('{"num_frames": "eight"}')
+    with pytest.raises(SystemExit) as exit:
+        retrieval_command_line().parse([arg.format(tmp=tmp_path) for arg in argv])
+    assert exit.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("config", sorted((REPO_ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_recipe_configs_parse(config):
     dataset = yaml.safe_load(config.read_text())["dataset"]
     script = next(script for script in (run_retrieval.RetrievalScript, run_classification.ClassificationScript)
-                  if dataset in script.dataset_formats)
+                  if dataset in script.command_line.dataset_formats)
     if "pretrain" in config.stem:
         script = run_pretraining.PretrainingScript
-    model, _, _, training = stan_training.parse_arguments(script.argument_types, {}, ["--config", str(config)])
+    model, _, _, training = script.command_line.parse(["--config", str(config)])
     assert model.model_name_or_path.startswith("openai/clip-vit-")
     assert training.metric_for_best_model in ("t2v_R@1", "top1")
 
@@ -186,16 +217,16 @@ def test_checkpoint_manager_keeps_the_last_ones_and_the_best(tmp_path):
     accelerator = Accelerator(cpu=True)
     accelerator.prepare(torch.nn.Linear(2, 2))
     manager = CheckpointManager(accelerator, tmp_path / "checkpoints", total_limit=2)
-    assert manager.resolve("latest") is None and manager.resolve(None) is None
+    assert choose_checkpoint(manager, "latest").checkpoint is None
     (tmp_path / "checkpoints" / ".tmp-checkpoint-9").mkdir(parents=True)  # left by a crash
     for step in (1, 2, 3, 4):
         manager.save(step, protected_step=1)
     assert manager.steps() == [1, 3, 4]
-    assert manager.resolve("latest") == tmp_path / "checkpoints" / "checkpoint-4"
+    assert choose_checkpoint(manager, "latest").checkpoint == tmp_path / "checkpoints" / "checkpoint-4"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
     assert (manager.path(4) / "model.safetensors").is_file()
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        manager.resolve(str(tmp_path / "nowhere"))
+    with pytest.raises(RerunError, match="nowhere"):
+        choose_checkpoint(manager, str(tmp_path / "nowhere"))
     _reset_accelerate()
 
 
@@ -209,9 +240,9 @@ def test_all_gather_with_grad_is_the_identity_on_one_process():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_dir, reference_run):
+def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, resumable_data_dir, reference_run):
     output, dump_dir = tmp_path / "out", tmp_path / "dump"
-    common = [*RESUMABLE, "--data_dir", data_dir, "--debug_dump_dir", dump_dir]
+    common = [*RESUMABLE, "--data_dir", resumable_data_dir, "--debug_dump_dir", dump_dir]
     run(run_retrieval, output, *common, "--max_steps", 3)
     assert (output / "checkpoints" / "checkpoint-3").is_dir()
     run(run_retrieval, output, *common, "--max_steps", 6, "--resume_from_checkpoint", "latest")
@@ -219,13 +250,20 @@ def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data
     records = dump(dump_dir)
     # Steps 1-3 come from the first run, 4-6 from the resumed one (which restarts mid-epoch: 4 steps an epoch).
     assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 4, 5, 6]
-    assert loss_curve(records) == loss_curve(reference_run)
-    assert final_hash(records) == final_hash(reference_run)
+    assert loss_curve(records) == loss_curve(reference_run["dump"])
+    assert final_hash(records) == final_hash(reference_run["dump"])
+    # Counted once each, although the loader had prefetched past step 3 when the first run stopped: the whole of
+    # epoch 0 (all 4 corrupt captions), and the same part of epoch 1 as the uninterrupted run.
+    resumed, reference = results_file(output)["train"], reference_run["results"]["train"]
+    assert resumed["corrupt_samples_per_epoch"] == reference["corrupt_samples_per_epoch"]
+    assert resumed["corrupt_samples_per_epoch"]["0"] == 4
+    assert resumed["samples"] == reference["samples"] == 48  # 6 steps x 8
 
 
-def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, data_dir, reference_run):
+def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, resumable_data_dir, reference_run,
+                                                                          caplog):
     output, dump_dir = tmp_path / "out", tmp_path / "dump"
-    common = [*RESUMABLE, "--data_dir", data_dir, "--debug_dump_dir", dump_dir, "--max_steps", 6]
+    common = [*RESUMABLE, "--data_dir", resumable_data_dir, "--debug_dump_dir", dump_dir, "--max_steps", 6]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, str(REPO_ROOT / "training" / "run_retrieval.py"), "--output_dir", str(output),
                *map(str, common), "--debug_checkpoint_write_delay", "0.3"]
@@ -245,12 +283,17 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_pa
     checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
     assert checkpoints == [".tmp-checkpoint-4", "checkpoint-2"]
 
-    run(run_retrieval, output, *common, "--resume_from_checkpoint", "latest")
+    # The same command again (without --debug_checkpoint_write_delay, which does not change the run): the default
+    # --resume_from_checkpoint auto continues the unfinished run.
+    with caplog.at_level("INFO"):
+        run(run_retrieval, output, *common)
+    assert "Resuming the unfinished run" in caplog.text and "checkpoint-2 (step 2 of 6)" in caplog.text
     resumed = [r for r in dump(dump_dir) if "step" in r]
     # The killed run logged steps 1-4; the resumed one starts again after step 2.
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 3, 4, 5, 6]
-    assert {r["step"]: r["loss"] for r in resumed[4:]} == {s: l for s, l in loss_curve(reference_run).items() if s > 2}
-    assert final_hash(dump(dump_dir)) == final_hash(reference_run)
+    reference = loss_curve(reference_run["dump"])
+    assert {r["step"]: r["loss"] for r in resumed[4:]} == {s: l for s, l in reference.items() if s > 2}
+    assert final_hash(dump(dump_dir)) == final_hash(reference_run["dump"])
     assert not in_flight.exists()  # the leftover is cleaned up by the next save
 
 
@@ -278,6 +321,53 @@ def test_corrupt_videos_are_skipped_and_counted(tmp_path, data_dir):
     assert not any(name.startswith("qbnorm") for name in saved["validation"])
 
 
+@pytest.mark.parametrize("unreadable, message", [
+    (range(SIZES["train"]), r"Epoch 0: none of the 32 training samples could be decoded"),
+    (range(6), r"Epoch 0: only 20 of 32 training samples \(62%\) could be decoded, below "
+               r"--min_usable_sample_fraction 0.8"),
+], ids=["all", "most"])
+def test_a_run_without_enough_usable_training_videos_fails(tmp_path, data_dir, monkeypatch, caplog, unreadable,
+                                                           message):
+    data = corrupt_copy(data_dir, tmp_path / "data", unreadable)
+    output = tmp_path / "out"
+    # As `python training/run_retrieval.py ...` runs it: a non-zero exit and the reason, no traceback.
+    monkeypatch.setattr(sys, "argv", ["run_retrieval.py", "--output_dir", str(output), *map(str, SMALL),
+                                      "--data_dir", str(data), "--num_train_epochs", "1"])
+    _reset_accelerate()
+    with pytest.raises(SystemExit) as exit:
+        run_retrieval.RetrievalScript().run_from_command_line()
+    _reset_accelerate()
+    assert exit.value.code == 1
+    assert re.search(r"UnusableTrainingDataError: " + message, caplog.text)
+    assert not (output / "model.safetensors").exists() and not (output / "all_results.json").exists()
+
+
+def test_running_the_same_command_again_re_exports_a_finished_run(tmp_path, data_dir, caplog):
+    """The second run of an unchanged command (as when the README's first command is run twice): no training, the
+    best checkpoint evaluated and exported again, with one line saying so; a changed command is refused."""
+    output = tmp_path / "out"
+    # Step 2 is checkpointed (--save_steps 2), then validated (the end of training): the checkpoint is rewritten
+    # with the validation, which the second run must find.
+    command = [*SMALL, "--data_dir", data_dir, "--max_steps", 2, "--save_strategy", "steps", "--save_steps", 2]
+    with caplog.at_level("INFO"):
+        first = run(run_retrieval, output, *command)
+    # The demo's values, as --help shows them (tests/test_training_cli.py), flags applied.
+    settings = re.search(r"Demo settings \(no --model_name_or_path\): (.*)", caplog.text).group(1).split()
+    assert {"stan_depth=1", "num_frames=8", "fixed_logit_scale=unset", "learning_rate=0.001",
+            "per_device_train_batch_size=8"} <= set(settings)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        second = run(run_retrieval, output, *command)
+    assert "already finished training (step 2 of 2) with these arguments" in caplog.text
+    assert second["test"] == first["test"] and second["train"]["steps"] == 2
+    assert second["validation"] == first["validation"] and "t2v_R@1" in first["validation"]
+    assert (output / "model.safetensors").is_file()
+    with pytest.raises(RerunError, match=r"other arguments \(learning_rate: 0\.001 there, 0\.002 here\).*"
+                                         r"--overwrite_output_dir"):
+        run(run_retrieval, output, *command, "--learning_rate", 0.002)
+    assert run(run_retrieval, output, *command, "--learning_rate", 0.002, "--overwrite_output_dir")["train"]["steps"] == 2
+
+
 def test_classification_with_multi_view_testing(tmp_path, data_dir):
     results = run(run_classification, tmp_path / "out", *SMALL, "--data_dir", data_dir, "--max_steps", 2,
                   "--num_test_clips", 2, "--num_test_crops", 3, "--eval_strategy", "no", "--save_strategy", "no")
@@ -293,10 +383,13 @@ def test_nonfinite_loss_skips_the_step_then_stops_the_run(tmp_path, data_dir):
     common = [*SMALL, "--data_dir", data_dir, "--eval_strategy", "no", "--save_strategy", "no"]
     results = run(run_retrieval, tmp_path / "once", *common, "--max_steps", 3, "--debug_nonfinite_steps", 2,
                   "--debug_dump_dir", dump_dir)
-    assert [r["applied"] for r in dump(dump_dir) if "step" in r] == [True, False, True]
-    assert results["train"]["nonfinite_steps"] == 1
+    attempts = [r for r in dump(dump_dir) if "attempt" in r]
+    # The second attempt is refused; it is not a step, so a fourth attempt makes the third step.
+    assert [(r["attempt"], r["step"], r["applied"]) for r in attempts] == [
+        (1, 1, True), (2, 1, False), (3, 2, True), (4, 3, True)]
+    assert results["train"]["steps"] == 3 and results["train"]["nonfinite_steps"] == 1
 
-    with pytest.raises(stan_training.NonFiniteLossError, match=r"Step 3: non-finite loss.*Stopping"):
+    with pytest.raises(stan_training.NonFiniteLossError, match=r"Step 2: non-finite loss.*Stopping"):
         run(run_retrieval, tmp_path / "twice", *common, "--max_steps", 4, "--debug_nonfinite_steps", 2, 3,
             "--max_nonfinite_steps", 2)
 
@@ -306,10 +399,18 @@ def test_nonfinite_loss_skips_the_step_then_stops_the_run(tmp_path, data_dir):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_retrieval_demo_learns_far_above_chance(tmp_path):
+@pytest.fixture(scope="module")
+def demo_data_dir(tmp_path_factory):
+    """The default job's synthetic dataset (160/40/40 videos, the default seed), generated once for both demos."""
+    root = tmp_path_factory.mktemp("demo") / "data"
+    generate_synthetic_dataset(root, num_train=160, num_val=40, num_test=40, seed=42)
+    return root
+
+
+def test_retrieval_demo_learns_far_above_chance(tmp_path, demo_data_dir):
     """The default job (tiny random CLIP, 160/40/40 synthetic videos), 3 of its 12 epochs, no validation."""
-    results = run(run_retrieval, tmp_path / "out", "--num_train_epochs", 3, "--eval_strategy", "no",
-                  "--save_strategy", "no")
+    results = run(run_retrieval, tmp_path / "out", "--data_dir", demo_data_dir, "--num_train_epochs", 3,
+                  "--eval_strategy", "no", "--save_strategy", "no")
     chance = 100 / 40  # R@1 of a random ranking of the 40 test videos, in percent
     assert results["test"]["t2v_R@1"] >= 3 * chance
     assert results["test"]["v2t_R@1"] >= 3 * chance
@@ -319,11 +420,11 @@ def test_retrieval_demo_learns_far_above_chance(tmp_path):
     assert "zero-shot-video-classification" in json.loads((tmp_path / "out" / "config.json").read_text())["custom_pipelines"]
 
 
-def test_classification_demo_learns_far_above_chance(tmp_path):
+def test_classification_demo_learns_far_above_chance(tmp_path, demo_data_dir):
     """The default job, 40 of its 60 epochs (about a minute on 2 idle cores; it runs in CI, which has the machine to
     itself): a random CLIP needs about 300 steps to leave its initial plateau on this task, so no shorter run shows
     it learning."""
-    results = run(run_classification, tmp_path / "out", "--num_train_epochs", 40, "--eval_strategy", "no",
-                  "--save_strategy", "no")
+    results = run(run_classification, tmp_path / "out", "--data_dir", demo_data_dir, "--num_train_epochs", 40,
+                  "--eval_strategy", "no", "--save_strategy", "no")
     chance = 100 / 4  # four motion directions
     assert results["test"]["top1"] >= 2 * chance

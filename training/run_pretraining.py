@@ -37,12 +37,10 @@ from pretraining_data import (
     parse_sources,
     write_synthetic_shards,
 )
-from run_retrieval import RetrievalArguments, RetrievalScript, load_split
+from run_retrieval import DEMO_DEFAULTS, RECIPE_DEFAULTS, RetrievalArguments, RetrievalScript, load_split
+from stan_arguments import DataArguments, ModelArguments, ScriptCommandLine, TrainingArguments
 from stan_training import (
     SYNTHETIC_DATASET_NAME,
-    DataArguments,
-    ModelArguments,
-    TrainingArguments,
     TrainingLoop,
     build_optimizer,
     build_scheduler,
@@ -91,15 +89,29 @@ class StreamingTrainingLoop(TrainingLoop):
 
     def _epoch_batches(self, epoch: int, done: int):
         # The stream resumes from its own saved position, never by replaying batches.
-        self.train_loader.start_epoch(epoch, done * self.args.gradient_accumulation_steps)
-        return self.train_loader
+        self.train_loader.start_epoch(epoch, done)
+        return self._with_counts(self.train_loader)
+
+    @staticmethod
+    def _with_counts(loader):
+        """The loop's micro-batches: each batch with its samples and the corrupt ones the stream skipped for it (the
+        stream is read in this process, so the counter moves exactly with the batches)."""
+        seen = loader.counter.count
+        for batch in loader:
+            corrupt, seen = loader.counter.count - seen, loader.counter.count
+            usable = 0 if batch is None else len(batch["input_ids"])
+            yield {"batch": batch, "num_samples": usable + corrupt, "num_corrupt": corrupt}
 
 
 class PretrainingScript(RetrievalScript):
-    argument_types = (ModelArguments, DataArguments, PretrainingArguments, TrainingArguments)
-    recipe_defaults = {**RetrievalScript.recipe_defaults, "output_dir": "outputs/pretraining"}
-    # The tiny random CLIP learns from scratch (as run_retrieval.py's demo); our choices, not the authors'.
-    demo_defaults = {**RetrievalScript.demo_defaults, "num_train_epochs": 20.0}
+    command_line = ScriptCommandLine(
+        argument_types=(ModelArguments, DataArguments, PretrainingArguments, TrainingArguments),
+        recipe_defaults={**RECIPE_DEFAULTS, "output_dir": "outputs/pretraining"},
+        # The tiny random CLIP learns from scratch (as run_retrieval.py's demo); our choices, not the authors'.
+        demo_defaults={**DEMO_DEFAULTS, "num_train_epochs": 20.0},
+        dataset_formats=RetrievalScript.command_line.dataset_formats,
+        description=__doc__,
+    )
 
     def load_splits(self, data_args: DataArguments, task_args: PretrainingArguments, seed: int) -> dict:
         """The zero-shot validation and test rows (the training data are the shards)."""
@@ -131,7 +143,7 @@ class PretrainingScript(RetrievalScript):
                                                                   samples_per_shard=task_args.synthetic_samples_per_shard))
         return [f"videos={root / 'videos' / '*.tar'}", f"images={root / 'images' / '*.tar'}"]
 
-    def _training_loop(self, accelerator, model, processor, splits, data_args, task_args, training_args):
+    def _training_loop(self, accelerator, model, processor, splits, data_args, task_args, training_args, checkpoints):
         sources = self.sources
         batch_size = training_args.per_device_train_batch_size
         counts = batches_per_epoch(sources, batch_size * accelerator.num_processes, task_args.source_weights)
@@ -163,7 +175,7 @@ class PretrainingScript(RetrievalScript):
                               processor)
         scheduler = build_scheduler(optimizer, training_args, total_training_steps(loader, training_args))
         return StreamingTrainingLoop(accelerator, training_args, task, model, optimizer, scheduler, loader, loader,
-                                     counter)
+                                     checkpoints)
 
     @staticmethod
     def _recorder(accelerator, training_args):
@@ -187,4 +199,4 @@ main = PretrainingScript().main
 
 
 if __name__ == "__main__":
-    main()
+    PretrainingScript().run_from_command_line()

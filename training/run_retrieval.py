@@ -19,8 +19,80 @@ dual softmax (`dsl_`), and on the test split also with querybank normalisation o
 (`qbnorm_t2v_`).
 """
 
+# The command line comes first and is parsed before the heavy imports below (torch, transformers' models, datasets:
+# seconds), so that `--help` and a bad flag answer at once.
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
+
+from stan_arguments import DataArguments, ModelArguments, ScriptCommandLine, TrainingArguments
+
+
+@dataclass
+class RetrievalArguments:
+    alignment: Literal["mean", "mug"] = field(default="mean", metadata={"help": "'mean' (STAN) or 'mug' (Mug-STAN)."})
+    mug_variant: Literal["simple", "full"] = field(default="simple", metadata={"help": "'simple' or 'full' Mug alignment."})
+    mug_lambda: float = field(default=100.0, metadata={"help": "Mug alignment: inverse temperature of its token/frame softmax."})
+    loss_reduction: Literal["sum", "mean"] = field(default="sum", metadata={"help": "'sum' (authors) or 'mean' (CLIP) of the 2 directions."})
+    freeze_text_tower: bool = field(default=False, metadata={"help": "Train the video tower only."})
+    gather_gradient: Literal["global", "local"] = field(default="global", metadata={
+        "help": "'global': the gradient of the whole global batch, as one process would compute it; 'local': the "
+                "authors' (their all-gather keeps only each process's slice: 1/W of it on W processes)."})
+    max_text_length: int = field(default=32, metadata={"help": "Caption tokens (padded or truncated to this)."})
+    train_video_ids_file: str | None = field(default=None, metadata={"help": "msrvtt/msvd: ids of the training videos."})
+    validation_video_ids_file: str | None = field(
+        default=None, metadata={"help": "msrvtt/msvd: ids of the validation videos."}
+    )
+    test_video_ids_file: str | None = field(default=None, metadata={"help": "msrvtt/msvd: ids of the test videos."})
+    dsl_lambda: float = field(default=100.0, metadata={"help": "Inverse temperature of dual-softmax re-ranking."})
+    qb_norm_beta: float = field(default=20.0, metadata={"help": "Inverse temperature of QB-Norm."})
+    qb_norm_k: int = field(default=1, metadata={"help": "QB-Norm: querybank neighbours per gallery video."})
+    qb_norm_bank_size: int | None = field(
+        default=None, metadata={"help": "Training captions in the QB-Norm querybank. Unset: all of them."}
+    )
+
+    def __post_init__(self):
+        if self.gather_gradient not in ("global", "local"):
+            raise ValueError(f"--gather_gradient must be 'global' or 'local', got {self.gather_gradient!r}.")
+
+
+# The authors' MSR-VTT recipe (configs/exp/stan/stan_msrvtt_b32_hf.py) for pre-trained CLIP checkpoints.
+RECIPE_DEFAULTS = {
+    "output_dir": "outputs/retrieval",
+    "metric_for_best_model": "t2v_R@1",
+    "num_frames": 12,
+    "fixed_logit_scale": 100.0,
+}
+# The tiny random CLIP of the no-argument demo is not pre-trained: it learns from scratch, at a from-scratch
+# learning rate, in a few minutes. These apply only when --model_name_or_path is not given; flags still win.
+DEMO_DEFAULTS = {
+    "stan_depth": 1,
+    "drop_path_rate": 0.0,
+    "fixed_logit_scale": None,
+    "num_frames": 8,
+    "max_text_length": 16,
+    "learning_rate": 1e-3,
+    "stan_lr_multiplier": 1.0,
+    "weight_decay": 0.01,
+    "warmup_ratio": 0.05,
+    "num_train_epochs": 12.0,
+    "per_device_train_batch_size": 16,
+    "random_resized_crop_scale": [0.6, 1.0],
+    "dataloader_num_workers": 1,
+}
+
+COMMAND_LINE = ScriptCommandLine(
+    argument_types=(ModelArguments, DataArguments, RetrievalArguments, TrainingArguments),
+    recipe_defaults=RECIPE_DEFAULTS,
+    demo_defaults=DEMO_DEFAULTS,
+    dataset_formats=("msrvtt", "didemo", "lsmdc", "msvd", "activitynet", "webvid"),
+    description=__doc__,
+)
+
+if __name__ == "__main__":
+    COMMAND_LINE.parse()  # exits here on --help or a bad flag
+
+import functools  # noqa: E402 (after the command line, see above)
+from pathlib import Path  # noqa: E402
 
 import datasets
 import torch
@@ -37,16 +109,7 @@ from modeling_stan.video_datasets import (
     load_webvid,
     unique_video_rows,
 )
-from stan_training import (
-    DataArguments,
-    ModelArguments,
-    RowOutputs,
-    TrainingArguments,
-    TrainingScript,
-    all_gather_with_grad,
-    collate_clips,
-    evaluation_dataloader,
-)
+from stan_training import RowOutputs, TrainingScript, all_gather_with_grad, collate_clips, evaluation_dataloader
 
 
 BUILDERS = {
@@ -59,26 +122,6 @@ BUILDERS = {
 }
 # Builders that take a list of video ids per split (MSR-VTT's train.9k.csv, MSVD's train_list.txt).
 TAKE_VIDEO_IDS = ("msrvtt", "msvd")
-
-
-@dataclass
-class RetrievalArguments:
-    alignment: str = field(default="mean", metadata={"help": "'mean' (STAN) or 'mug' (Mug-STAN)."})
-    mug_variant: str = field(default="simple", metadata={"help": "'simple' or 'full' Mug alignment."})
-    mug_lambda: float = 100.0
-    loss_reduction: str = field(default="sum", metadata={"help": "'sum' (authors) or 'mean' (CLIP) of the 2 directions."})
-    freeze_text_tower: bool = field(default=False, metadata={"help": "Train the video tower only."})
-    max_text_length: int = 32
-    train_video_ids_file: str | None = field(default=None, metadata={"help": "msrvtt/msvd: ids of the training videos."})
-    validation_video_ids_file: str | None = None
-    test_video_ids_file: str | None = None
-    dsl_lambda: float = field(default=100.0, metadata={"help": "Inverse temperature of dual-softmax re-ranking."})
-    qb_norm_beta: float = field(default=20.0, metadata={"help": "Inverse temperature of QB-Norm."})
-    qb_norm_k: int = 1
-    qb_norm_bank_size: int | None = field(
-        default=None, metadata={"help": "Training captions in the QB-Norm querybank (default: all)."}
-    )
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
@@ -146,14 +189,15 @@ class RetrievalTask:
                         pixel_values=batch["pixel_values"], return_loss=False)
         model = self.accelerator.unwrap_model(model)
         # The scores and the loss are computed in float32 whatever the mixed precision of the towers.
+        gather = functools.partial(all_gather_with_grad, local_gradient=self.args.gather_gradient == "local")
         gathered = {
-            "text_embeds": all_gather_with_grad(outputs.text_embeds.float()),
-            "video_embeds": all_gather_with_grad(outputs.video_embeds.float()),
+            "text_embeds": gather(outputs.text_embeds.float()),
+            "video_embeds": gather(outputs.video_embeds.float()),
         }
         if model.config.alignment == "mug":
-            gathered["token_embeds"] = all_gather_with_grad(outputs.token_embeds.float())
-            gathered["text_attention_mask"] = all_gather_with_grad(batch["attention_mask"])
-            gathered["frame_embeds"] = all_gather_with_grad(outputs.frame_embeds.float())
+            gathered["token_embeds"] = gather(outputs.token_embeds.float())
+            gathered["text_attention_mask"] = gather(batch["attention_mask"])
+            gathered["frame_embeds"] = gather(outputs.frame_embeds.float())
         logits_per_text = model.similarity(**gathered) * model.logit_scale_value()
         return video_text_contrastive_loss(logits_per_text, model.config.loss_reduction)
 
@@ -236,34 +280,14 @@ class RetrievalTask:
 
 
 class RetrievalScript(TrainingScript):
-    argument_types = (ModelArguments, DataArguments, RetrievalArguments, TrainingArguments)
-    # The authors' MSR-VTT recipe (configs/exp/stan/stan_msrvtt_b32_hf.py) for pre-trained CLIP checkpoints.
-    recipe_defaults = {
-        "output_dir": "outputs/retrieval",
-        "metric_for_best_model": "t2v_R@1",
-        "num_frames": 12,
-        "fixed_logit_scale": 100.0,
-    }
-    # The tiny random CLIP of the no-argument demo is not pre-trained: it learns from scratch, at a from-scratch
-    # learning rate, in a few minutes. These apply only when --model_name_or_path is not given; flags still win.
-    demo_defaults = {
-        "stan_depth": 1,
-        "drop_path_rate": 0.0,
-        "fixed_logit_scale": None,
-        "num_frames": 8,
-        "max_text_length": 16,
-        "learning_rate": 1e-3,
-        "stan_lr_multiplier": 1.0,
-        "weight_decay": 0.01,
-        "warmup_ratio": 0.05,
-        "num_train_epochs": 12.0,
-        "per_device_train_batch_size": 16,
-        "random_resized_crop_scale": [0.6, 1.0],
-        "dataloader_num_workers": 1,
-    }
-    dataset_formats = tuple(BUILDERS)
+    command_line = COMMAND_LINE
     model_class = StanForVideoTextRetrieval
     card_task = "video-text-retrieval"
+    summary_metrics = ("t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_MdR", "v2t_R@1", "dsl_t2v_R@1")
+    next_command = ("python -c \"import modeling_stan; from transformers import pipeline; "
+                    "print(pipeline('zero-shot-video-classification', model='{output_dir}')('video.mp4', "
+                    "candidate_labels=['a red square moves from left to right', 'a blue circle moves from top to "
+                    "bottom'], hypothesis_template='{{}}'))\"")
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
         # The synthetic dataset ships an MSR-VTT-style annotation file holding all three splits.
@@ -289,7 +313,7 @@ class RetrievalScript(TrainingScript):
         return {"alignment": task_args.alignment, "mug_variant": task_args.mug_variant,
                 "mug_lambda": task_args.mug_lambda, "loss_reduction": task_args.loss_reduction}
 
-    def prepare_model(self, model, task_args: RetrievalArguments) -> None:
+    def prepare_model(self, model, task_args: RetrievalArguments, processor) -> None:
         if task_args.freeze_text_tower:
             model.text_model.requires_grad_(False)
             model.text_projection.requires_grad_(False)
@@ -311,4 +335,4 @@ main = RetrievalScript().main
 
 
 if __name__ == "__main__":
-    main()
+    RetrievalScript().run_from_command_line()

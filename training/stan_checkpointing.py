@@ -5,12 +5,17 @@ the same parent (`.tmp-checkpoint-{step}`), every file and the folder are fsynce
 final name: a rename within one file system is atomic, so a `checkpoint-*` folder is always complete, and a crash
 mid-write leaves the previous checkpoint as the latest one. Old checkpoints are renamed away before they are deleted,
 for the same reason.
+
+Each checkpoint also holds `run.json`: the run's arguments and its step out of the planned total, from which
+`choose_checkpoint` decides what a re-run of a command does (resume, re-export, start afresh, or refuse).
 """
 
+import json
 import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -23,6 +28,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 # Folders a crashed run may leave behind: an unfinished write or an unfinished deletion.
 _LEFTOVER_PREFIXES = (".tmp-", ".deleting-")
+RUN_FILE = "run.json"
 
 
 class CheckpointManager:
@@ -34,16 +40,18 @@ class CheckpointManager:
         total_limit: how many of the most recent checkpoints to keep (`None` keeps all); the checkpoint named by
             `protected_step` (the best one so far) is kept in addition.
         write_delay: seconds to sleep after fsyncing each file. Only for tests that kill a run mid-write.
+        run_arguments: the run's arguments (JSON-serialisable), written into every checkpoint's `run.json`.
     """
 
     def __init__(self, accelerator: Accelerator, directory: str | os.PathLike, total_limit: int | None = None,
-                 write_delay: float = 0.0):
+                 write_delay: float = 0.0, run_arguments: dict | None = None):
         if total_limit is not None and total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1 or None, got {total_limit}.")
         self.accelerator = accelerator
         self.directory = Path(directory)
         self.total_limit = total_limit
         self.write_delay = write_delay
+        self.run_arguments = run_arguments or {}
 
     def path(self, step: int) -> Path:
         return self.directory / f"{CHECKPOINT_PREFIX}{step}"
@@ -59,26 +67,18 @@ class CheckpointManager:
         steps = self.steps()
         return self.path(steps[-1]) if steps else None
 
-    def resolve(self, spec: str | None) -> Path | None:
-        """The checkpoint to resume from: `None` (start afresh), `"latest"` (the newest one, or `None` when there is
-        none yet, so that a preempted job can always be relaunched with the same command) or a path."""
-        if spec is None:
-            return None
-        if spec == "latest":
-            latest = self.latest()
-            if latest is None:
-                logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {self.directory}; starting afresh.")
-            return latest
-        path = Path(spec)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such checkpoint folder.")
-        return path
+    def run_info(self, step: int) -> dict:
+        """The `run.json` of checkpoint `step` (`{}` for a checkpoint written without one)."""
+        path = self.path(step) / RUN_FILE
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
-    def save(self, step: int, protected_step: int | None = None) -> Path:
-        """Saves the full training state of `step` atomically (all processes call this), then prunes."""
+    def save(self, step: int, protected_step: int | None = None, metadata: dict | None = None,
+             replace: bool = False) -> Path:
+        """Saves the full training state of `step` atomically (all processes call this), then prunes. `metadata`
+        goes into `run.json` with the run's arguments. An existing checkpoint of `step` is kept unless `replace`
+        (the state of that step changed since, e.g. a validation after it)."""
         final = self.path(step)
-        if final.is_dir():
-            # Already saved at this step (e.g. the best checkpoint, then the end-of-training one): same state.
+        if final.is_dir() and not replace:
             return final
         temporary = self.directory / f".tmp-{final.name}"
         accelerator = self.accelerator
@@ -89,12 +89,18 @@ class CheckpointManager:
         accelerator.save_state(str(temporary))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            run = {"arguments": self.run_arguments, **(metadata or {})}
+            (temporary / RUN_FILE).write_text(json.dumps(run, indent=2), encoding="utf-8")
             self._fsync_tree(temporary)
+            if final.is_dir():
+                # A rename cannot replace a non-empty folder: the old state of this step goes first (the checkpoints
+                # before it stay, so a crash in between still leaves a complete one to resume from).
+                _remove_atomically(final)
             os.replace(temporary, final)
             _fsync_directory(self.directory)
             self._prune(protected_step)
         accelerator.wait_for_everyone()
-        logger.info(f"Saved checkpoint {final}")
+        logger.debug(f"Saved checkpoint {final}")
         return final
 
     def _fsync_tree(self, directory: Path) -> None:
@@ -134,3 +140,68 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+class RerunError(ValueError):
+    """The output folder holds a run this command must not silently continue or overwrite."""
+
+
+@dataclass
+class Resumption:
+    """What a run does with the checkpoints it finds: the checkpoint to resume from (None: start afresh), and the
+    one line that tells the user which and why."""
+
+    checkpoint: Path | None
+    message: str
+
+
+def choose_checkpoint(manager: CheckpointManager, spec: str) -> Resumption:
+    """Decides what `--resume_from_checkpoint spec` does with the checkpoints in `manager.directory`.
+
+    - `auto` (the default): no checkpoint: start afresh. Checkpoints of a run with the same arguments: resume from
+      the newest (a run that had finished training is only evaluated and exported again). Checkpoints of a run with
+      other arguments: `RerunError` naming the differences and the flags that settle it.
+    - `latest`: resume from the newest checkpoint whatever its arguments (start afresh if there is none).
+    - `never`: start afresh; `RerunError` if there are checkpoints (pass --overwrite_output_dir to delete them).
+    - a folder: resume from it.
+    """
+    latest = manager.latest()
+    where = manager.directory
+    if spec == "never":
+        if latest is not None:
+            raise RerunError(f"{where} holds checkpoints of an earlier run and --resume_from_checkpoint is 'never': "
+                             "pass --overwrite_output_dir to delete them, or another --output_dir.")
+        return Resumption(None, f"Starting a new run in {where.parent}.")
+    if spec not in ("auto", "latest"):
+        path = Path(spec)
+        if not path.is_dir():
+            raise RerunError(f"--resume_from_checkpoint {spec}: no such checkpoint folder.")
+        return Resumption(path, f"Resuming from {path} (--resume_from_checkpoint).")
+    if latest is None:
+        return Resumption(None, f"Starting a new run in {where.parent}: no checkpoint there yet.")
+    run = manager.run_info(manager.steps()[-1])
+    if spec == "latest":
+        return Resumption(latest, f"Resuming from {latest} (--resume_from_checkpoint latest).")
+    differences = _differences(run.get("arguments"), manager.run_arguments)
+    if differences:
+        raise RerunError(
+            f"{where} holds checkpoints of a run with other arguments ({differences}): pass --resume_from_checkpoint "
+            "latest to continue it with this command's arguments, --overwrite_output_dir to delete it and start "
+            "afresh, or another --output_dir."
+        )
+    step, total = run.get("step"), run.get("total_steps")
+    if step is not None and step == total:
+        return Resumption(latest, f"The run in {where.parent} already finished training (step {step} of {total}) with "
+                                  "these arguments: evaluating and exporting it again (--overwrite_output_dir trains "
+                                  "afresh).")
+    return Resumption(latest, f"Resuming the unfinished run in {where.parent} from {latest.name} (step {step} of "
+                              f"{total}): same arguments as this command (--overwrite_output_dir starts afresh).")
+
+
+def _differences(saved: dict | None, current: dict) -> str:
+    """The arguments that differ, as `name: saved -> current`, or "" when they are the same."""
+    if saved is None:
+        return "the checkpoints record no arguments"
+    current = json.loads(json.dumps(current))  # as saved: tuples become lists
+    names = sorted(name for name in set(saved) | set(current) if saved.get(name) != current.get(name))
+    return ", ".join(f"{name}: {saved.get(name)!r} there, {current.get(name)!r} here" for name in names)

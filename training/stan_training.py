@@ -1,11 +1,11 @@
-"""What `run_retrieval.py` and `run_classification.py` share: arguments and config files, the default tiny model and
-synthetic data, resumable data loading, the optimiser recipe, the differentiable all-gather, the training loop with
+"""What `run_retrieval.py` and `run_classification.py` share (their command line is `stan_arguments.py`): the default
+tiny model and synthetic data, resumable data loading, the optimiser recipe, the differentiable all-gather, the training loop with
 atomic checkpoints, and the final export.
 
 Both scripts are launched as `accelerate launch training/run_*.py`, which puts this folder on `sys.path`.
 """
 
-import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,23 +27,32 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, load_fsdp_model, set_seed
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, HfArgumentParser, get_scheduler
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import AutoTokenizer, get_scheduler
 
 from modeling_stan import StanConfig
 from modeling_stan.model_card import write_training_model_card
 from modeling_stan.processing_stan import StanProcessor
 from modeling_stan.synthetic_videos import generate_synthetic_dataset
 from modeling_stan.testing_utils import save_tiny_clip
-from modeling_stan.video_datasets import CorruptSampleCounter, SkipCorruptCollator, make_decode_transform
+from modeling_stan.video_datasets import SkipCorruptCollator, make_decode_transform
+from modeling_stan.vifi_prompts import PROMPT_CONFIG_FIELDS
 from modeling_stan.video_processing_stan import StanVideoProcessor
-from stan_checkpointing import CheckpointManager
+from stan_arguments import (
+    DataArguments,
+    ModelArguments,
+    ScriptCommandLine,
+    TrainingArguments,
+    arguments_dict,
+    explicit_options,
+)
+from stan_checkpointing import CheckpointManager, RerunError, Resumption, choose_checkpoint
 
 
 logger = get_logger(__name__)
@@ -57,241 +66,12 @@ SYNTHETIC_DATASET_NAME = "synthetic moving shapes"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "CLIP checkpoint (Hub id or folder) to build STAN around, or a STAN checkpoint (post-pretrained, "
-                          "converted or fine-tuned) to start from, whose STAN fields are then used. Default: a tiny random "
-                          "CLIP built offline into OUTPUT_DIR/tiny_clip (for the synthetic demo and tests)."},
-    )
-    stan_depth: int = field(default=4, metadata={"help": "STAN layers K (0: the plain CLIP mean-pooling baseline)."})
-    temporal_module: str = field(default="attention", metadata={"help": "'attention' (STAN-self) or 'conv'."})
-    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth of the last STAN layer."})
-    fixed_logit_scale: float | None = field(
-        default=None, metadata={"help": "Fixed logit scale 1/tau (100 for B/32, 50 for B/16); default: learnable."}
-    )
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
-
-    def stan_config_fields(self) -> dict:
-        """The `StanConfig` fields these arguments set (StanConfig validates them)."""
-        return {
-            "stan_depth": self.stan_depth,
-            "temporal_module": self.temporal_module,
-            "drop_path_rate": self.drop_path_rate,
-            "fixed_logit_scale": self.fixed_logit_scale,
-        }
-
-
-@dataclass
-class DataArguments:
-    dataset: str = field(default="synthetic", metadata={"help": "Dataset format; 'synthetic' generates the demo set."})
-    video_dir: str | None = field(default=None, metadata={"help": "Folder of the videos."})
-    annotation_file: str | None = field(
-        default=None, metadata={"help": "Annotation file used for every split that has no file of its own below."}
-    )
-    train_file: str | None = field(default=None, metadata={"help": "Annotation file of the training split."})
-    validation_file: str | None = field(default=None, metadata={"help": "Annotation file of the validation split."})
-    test_file: str | None = field(default=None, metadata={"help": "Annotation file of the test split."})
-    video_ext: str | None = field(default=None, metadata={"help": "Video file extension, if not the format's."})
-    validation_split_percentage: int | None = field(
-        default=None,
-        metadata={"help": "Hold out this percentage of the training rows for validation (datasets without one)."},
-    )
-    data_dir: str | None = field(
-        default=None, metadata={"help": "Where the synthetic dataset is generated (default OUTPUT_DIR/synthetic_data)."}
-    )
-    synthetic_num_train: int = 160
-    synthetic_num_val: int = 40
-    synthetic_num_test: int = 40
-    num_frames: int = field(default=8, metadata={"help": "Frames per clip."})
-    sampling: str = field(default="uniform", metadata={"help": "Frame sampling: 'uniform' (STAN's) or 'dense'."})
-    random_resized_crop_scale: list[float] = field(
-        default_factory=lambda: [0.08, 1.0], metadata={"help": "Area range of the training random resized crop."}
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many rows per eval split."})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "Decoding worker processes per process."})
-
-    def annotation_for(self, split: str) -> str | None:
-        return getattr(self, f"{split}_file") or self.annotation_file
-
-    def video_options(self, video_processor) -> dict:
-        """The `DecodedVideoDataset` options these arguments set."""
-        return {"video_processor": video_processor, "num_frames": self.num_frames, "sampling": self.sampling,
-                "random_resized_crop_scale": self.random_resized_crop_scale}
-
-
-@dataclass
-class TrainingArguments:
-    output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints and the final model go."})
-    do_train: bool = field(
-        default=True,
-        metadata={"help": "False: only evaluate the model as given (e.g. zero-shot) on the validation and test splits."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Delete the checkpoints of an earlier run in OUTPUT_DIR instead of failing."}
-    )
-    seed: int = 42
-    per_device_train_batch_size: int = 16
-    per_device_eval_batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-6
-    stan_lr_multiplier: float = field(
-        default=10.0, metadata={"help": "Learning-rate multiplier of the STAN branch ('.stan.' parameters)."}
-    )
-    weight_decay: float = 0.05
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping norm (0 disables)."})
-    num_train_epochs: float = 10.0
-    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to train; > 0 overrides num_train_epochs."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "A transformers scheduler name."})
-    warmup_ratio: float = 0.1
-    warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps; > 0 overrides warmup_ratio."})
-    mixed_precision: str | None = field(
-        default=None, metadata={"help": "'no', 'fp16' or 'bf16'; default: what `accelerate launch` was given."}
-    )
-    eval_strategy: str = field(default="epoch", metadata={"help": "Validate every 'epoch', every 'steps' or 'no'."})
-    eval_steps: int | None = None
-    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every 'epoch', every 'steps' or 'no'."})
-    save_steps: int | None = None
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept, besides the best one."})
-    metric_for_best_model: str | None = field(default=None, metadata={"help": "Validation metric for the best model."})
-    greater_is_better: bool = field(default=True, metadata={"help": "False for ranks (MdR, MnR)."})
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "'latest' (newest checkpoint in OUTPUT_DIR, if any) or a checkpoint folder."}
-    )
-    logging_steps: int = 10
-    report_to: str = field(default="none", metadata={"help": "Accelerate tracker: 'none', 'tensorboard', 'wandb'..."})
-    max_nonfinite_steps: int = field(
-        default=3, metadata={"help": "Stop after this many consecutive steps with a NaN/inf loss or gradient."}
-    )
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private_repo: bool = False
-    debug_dump_dir: str | None = field(
-        default=None, metadata={"help": "Testing: each process appends its per-step loss and final weight hash here."}
-    )
-    debug_nonfinite_steps: list[int] = field(
-        default_factory=list, metadata={"help": "Testing: make the loss NaN at these optimizer steps (1-based)."}
-    )
-    debug_checkpoint_write_delay: float = field(
-        default=0.0, metadata={"help": "Testing: seconds to pause after each checkpoint file is written."}
-    )
-
-    def __post_init__(self):
-        _check_choice("eval_strategy", self.eval_strategy, ("epoch", "steps", "no"))
-        _check_choice("save_strategy", self.save_strategy, ("epoch", "steps", "no"))
-        _check_choice("mixed_precision", self.mixed_precision, (None, "no", "fp16", "bf16"))
-        for strategy in ("eval", "save"):
-            if getattr(self, f"{strategy}_strategy") == "steps" and not (getattr(self, f"{strategy}_steps") or 0) > 0:
-                raise ValueError(f"--{strategy}_strategy steps needs --{strategy}_steps > 0.")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_nonfinite_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
-
-
-def _check_choice(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"--{name} must be one of {[a for a in allowed if a is not None]}, got {value!r}.")
-
-
-def parse_arguments(dataclass_types: Sequence[type], defaults: dict | None = None, argv: Sequence[str] | None = None):
-    """Parses the command line into `dataclass_types`.
-
-    Precedence, lowest first: the dataclass defaults, the script's `defaults`, the `--config FILE` (YAML or JSON,
-    keys are the flag names without `--`), then the flags themselves.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("--config")
-    known, remaining = config_parser.parse_known_args(argv)
-    parser = HfArgumentParser(
-        dataclass_types,
-        epilog="--config FILE: a YAML or JSON file of options (flag names without '--'); flags override it.",
-    )
-    merged = dict(defaults or {})
-    if known.config:
-        merged.update(_config_file_values(parser, known.config))
-    parser.set_defaults(**merged)
-    return parser.parse_args_into_dataclasses(args=remaining)
-
-
-def parse_script_arguments(dataclass_types: Sequence[type], recipe_defaults: dict, demo_defaults: dict,
-                           argv: Sequence[str] | None = None):
-    """`parse_arguments` with a script's defaults: `recipe_defaults` always, `demo_defaults` on top of them when no
-    `--model_name_or_path` is given (the tiny random CLIP learns from scratch and needs other settings than the
-    fine-tuning of a pre-trained CLIP). The config file and the flags override both."""
-    parsed = parse_arguments(dataclass_types, recipe_defaults, argv)
-    if parsed[0].model_name_or_path is None:
-        parsed = parse_arguments(dataclass_types, {**recipe_defaults, **demo_defaults}, argv)
-    return parsed
-
-
-def explicit_options(argv: Sequence[str] | None = None) -> set[str]:
-    """Names of the options the user set, on the command line or in its `--config` file (not the defaults)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # HfArgumentParser also accepts --do-train for --do_train.
-    names = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("--config")
-    config = config_parser.parse_known_args(argv)[0].config
-    return names | set(_read_config_file(config)) if config else names
-
-
-def _read_config_file(path: str) -> dict:
-    """The mapping of option names to values in a YAML or JSON config file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {path}: no such file.")
-    with open(path, encoding="utf-8") as file:
-        values = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(values).__name__}.")
-    return values
-
-
-def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict:
-    """The options of a config file, converted and checked as the same flags on the command line would be."""
-    values = _read_config_file(path)
-    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
-    unknown = sorted(set(values) - set(actions))
-    if unknown:
-        raise ValueError(f"{path}: unknown option(s) {unknown}; the keys are the script's flags without '--' (see --help).")
-    return {name: _convert_option(actions[name], value, path) for name, value in values.items()}
-
-
-def _convert_option(action: argparse.Action, value, path: str):
-    # YAML reads "1e-5" as a string and flags arrive as strings: both go through the flag's own type.
-    if value is None or action.type is None:
-        return value
-    try:
-        converted = [action.type(str(v)) for v in value] if isinstance(value, list) else action.type(str(value))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: option {action.dest!r}: cannot read {value!r} ({error}).") from None
-    if action.choices is not None and converted not in action.choices:
-        raise ValueError(f"{path}: option {action.dest!r} must be one of {list(action.choices)}, got {value!r}.")
-    return converted
-
-
-def arguments_dict(*arguments) -> dict:
-    """All parsed arguments as one flat dict (for trackers, the model card and the metrics file)."""
-    return {key: value for args in arguments for key, value in dataclasses.asdict(args).items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Setup: accelerator, output folder, default tiny model and synthetic data
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def setup_run(training_args: TrainingArguments) -> Accelerator:
-    """The run's `Accelerator`, with logging configured, once the output folder is checked."""
+    """The run's `Accelerator`, with logging configured."""
     output_dir = Path(training_args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
@@ -299,31 +79,59 @@ def setup_run(training_args: TrainingArguments) -> Accelerator:
         log_with=None if training_args.report_to == "none" else training_args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
     )
-    _configure_logging(accelerator)
-    _check_output_dir(accelerator, training_args)
+    _configure_logging(accelerator, training_args.log_level)
     return accelerator
 
 
-def _configure_logging(accelerator: Accelerator) -> None:
+# The scripts' own loggers: their INFO lines (plan, resumption, epochs, validation) are the run's progress report.
+RUN_LOGGERS = ("stan_training", "stan_checkpointing")
+
+
+def _configure_logging(accelerator: Accelerator, log_level: str) -> None:
+    """Our progress lines on the main process; the libraries' logs (accelerate logs every checkpoint file at INFO)
+    and progress bars only from `--log_level`, so that the training bar is the one bar of a run."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    if not accelerator.is_main_process:
-        datasets.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
+                        level=logging.WARNING)
+    for name in RUN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    library_level = getattr(logging, log_level.upper()) if accelerator.is_main_process else logging.ERROR
+    logging.getLogger("accelerate").setLevel(library_level)
+    transformers.utils.logging.set_verbosity(library_level)
+    datasets.utils.logging.set_verbosity(library_level)
+    if library_level > logging.INFO:
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    else:
+        transformers.utils.logging.enable_progress_bar()
+        datasets.enable_progress_bars()
 
 
-def _check_output_dir(accelerator: Accelerator, args: TrainingArguments) -> None:
-    checkpoints = Path(args.output_dir) / "checkpoints"
-    if args.resume_from_checkpoint or not checkpoints.is_dir() or not any(checkpoints.iterdir()):
-        return
-    if not args.overwrite_output_dir:
-        raise FileExistsError(
-            f"{checkpoints} holds checkpoints of an earlier run: pass --resume_from_checkpoint latest to continue "
-            "it, --overwrite_output_dir to start afresh, or another --output_dir."
-        )
-    with accelerator.main_process_first():
+# Arguments that do not change what is trained: a re-run that changes only these continues the same run.
+NOT_RUN_DEFINING = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "report_to",
+                    "log_level", "push_to_hub", "hub_model_id", "hub_private_repo", "per_device_eval_batch_size",
+                    "dataloader_num_workers", "debug_dump_dir", "debug_checkpoint_write_delay")
+
+
+def run_defining_arguments(*arguments) -> dict:
+    return {name: value for name, value in arguments_dict(*arguments).items() if name not in NOT_RUN_DEFINING}
+
+
+def checkpoints_and_resumption(accelerator: Accelerator, args: TrainingArguments,
+                               run_arguments: dict) -> tuple[CheckpointManager, Resumption]:
+    """The run's checkpoint manager, and what the run does with the checkpoints already in OUTPUT_DIR (logged as
+    one line); `--overwrite_output_dir` deletes them first."""
+    checkpoints = CheckpointManager(accelerator, Path(args.output_dir) / "checkpoints", args.save_total_limit,
+                                    args.debug_checkpoint_write_delay, run_arguments=run_arguments)
+    if args.overwrite_output_dir and checkpoints.steps():
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            shutil.rmtree(checkpoints)
+            shutil.rmtree(checkpoints.directory)
+        accelerator.wait_for_everyone()
+        logger.info(f"--overwrite_output_dir: deleted the checkpoints in {checkpoints.directory}.",
+                    main_process_only=True)
+    resumption = choose_checkpoint(checkpoints, args.resume_from_checkpoint)
+    logger.info(resumption.message, main_process_only=True)
+    return checkpoints, resumption
 
 
 def prepare_once(accelerator: Accelerator, target: Path, build: Callable[[Path], Any]) -> Path:
@@ -409,7 +217,7 @@ def _fields_over_checkpoint(model_path: str, fields: dict, given: set[str], opti
     checkpoint of another task (a dual encoder fine-tuned into a classifier), the head's fields apply.
     """
     checkpoint = StanConfig.from_pretrained(model_path).to_dict()
-    free = {"num_frames"}
+    free = set(_ALWAYS_FREE_FIELDS)
     if model_class.__name__ not in (checkpoint.get("architectures") or []):
         free |= set(_HEAD_FIELDS)
     conflicts = [f"--{name} {value!r} (the checkpoint has {checkpoint[name]!r})" for name, value in fields.items()
@@ -424,6 +232,9 @@ def _fields_over_checkpoint(model_path: str, fields: dict, given: set[str], opti
 
 # StanConfig fields of a task head rather than of the shared towers.
 _HEAD_FIELDS = ("classifier_type",)
+# Fields a run may set on any STAN checkpoint: frames per clip, and what adds to the towers without changing their
+# weights (the class prompt; ViFi-CLIP's prompts, whose second stage starts from a fine-tuned checkpoint).
+_ALWAYS_FREE_FIELDS = ("num_frames", "hypothesis_template", *PROMPT_CONFIG_FIELDS)
 
 
 def model_source(accelerator: Accelerator, model_args: ModelArguments, output_dir: Path, seed: int) -> str:
@@ -542,15 +353,15 @@ def collate_clips(samples: list[dict]) -> dict:
     }
 
 
-def training_dataloader(rows: datasets.Dataset, video_options: dict, collate: Callable, counter: CorruptSampleCounter,
-                        data_args: DataArguments, args: TrainingArguments,
-                        num_processes: int) -> tuple[DataLoader, EpochSampler]:
-    """The (unprepared) training loader over `rows` and its sampler; corrupt samples are skipped and counted."""
+def training_dataloader(rows: datasets.Dataset, video_options: dict, collate: Callable, data_args: DataArguments,
+                        args: TrainingArguments, num_processes: int) -> tuple[DataLoader, EpochSampler]:
+    """The (unprepared) training loader over `rows` and its sampler; corrupt samples are skipped and counted
+    (`TrainingCollator`)."""
     global_batch = args.per_device_train_batch_size * num_processes * args.gradient_accumulation_steps
     sampler = EpochSampler(len(rows), seed=args.seed, shuffle=True, multiple_of=global_batch)
     dataset = DecodedVideoDataset(rows, train=True, **video_options)
     loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, args.per_device_train_batch_size, drop_last=False),
-                        collate_fn=SkipCorruptCollator(collate, counter), num_workers=data_args.dataloader_num_workers,
+                        collate_fn=TrainingCollator(collate), num_workers=data_args.dataloader_num_workers,
                         generator=_private_generator(args.seed))
     return loader, sampler
 
@@ -637,7 +448,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, t
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(tensor: torch.Tensor, local_gradient: bool = False) -> torch.Tensor:
     """Concatenates `tensor` from every process along dim 0, differentiably; the input itself on one process.
 
     Processes may hold different numbers of rows (a batch that lost a corrupt sample); all other dims must agree
@@ -646,7 +457,11 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     Gradient scale: every process computes the same loss over the gathered rows, and the backward hands each
     process the *sum* over processes of the gradients of its own rows, i.e. W times the gradient of that loss; DDP's
     averaging over the W processes then yields exactly the gradient of one process training on the whole global
-    batch.
+    batch. The authors' `GatherLayer` instead keeps only the local slice of the gradient, so their gradient of every
+    weight before the gather is 1/W of this one (W processes; weights applied after it, like a learnable logit
+    scale, get the same gradient either way); with `local_gradient=True` this function does the same. The
+    difference matters for gradient clipping (AdamW itself is almost scale-free): the authors' `max_grad_norm` on W
+    processes corresponds to W x that norm here.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
@@ -655,28 +470,29 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_gather(shapes, shape)
     if any(not torch.equal(other[1:], shape[1:]) for other in shapes):
         raise ValueError(f"all_gather_with_grad: the processes' tensors differ beyond dim 0: {[s.tolist() for s in shapes]}.")
-    return _AllGatherRows.apply(tensor, [int(other[0]) for other in shapes])
+    return _AllGatherRows.apply(tensor, [int(other[0]) for other in shapes], local_gradient)
 
 
 class _AllGatherRows(torch.autograd.Function):
     """Forward: the rows of every process, concatenated in rank order. Backward: the gradient of the whole result,
-    summed over processes, sliced to this process's rows."""
+    summed over processes (not summed with `local_gradient`, as the authors do), sliced to this process's rows."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, rows: list[int], local_gradient: bool) -> torch.Tensor:
         # all_gather needs equal shapes: pad to the largest row count, cut the padding off afterwards.
         padded = F.pad(tensor, [0, 0] * (tensor.ndim - 1) + [0, max(rows) - tensor.shape[0]]).contiguous()
         parts = [torch.empty_like(padded) for _ in rows]
         dist.all_gather(parts, padded)
         rank = dist.get_rank()
-        ctx.start, ctx.count = sum(rows[:rank]), rows[rank]
+        ctx.start, ctx.count, ctx.local_gradient = sum(rows[:rank]), rows[rank], local_gradient
         return torch.cat([part[:count] for part, count in zip(parts, rows)])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad = grad_output.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.start : ctx.start + ctx.count], None
+        if not ctx.local_gradient:
+            dist.all_reduce(grad)
+        return grad[ctx.start : ctx.start + ctx.count], None, None
 
 
 class RowOutputs:
@@ -735,18 +551,38 @@ class TrainingTask(Protocol):
         """Metrics of `split` ("validation" or "test"), identical on every process."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class TrainingRunError(RuntimeError):
+    """The run cannot do its job (e.g. no usable training data); the message says why and what to check."""
+
+
+class NonFiniteLossError(TrainingRunError, FloatingPointError):
     """Too many consecutive optimizer steps had a NaN or infinite loss or gradient norm."""
+
+
+class UnusableTrainingDataError(TrainingRunError):
+    """Too few training samples of an epoch could be decoded."""
 
 
 @dataclass
 class TrainingProgress:
-    """The loop's own state, saved in every checkpoint (`Accelerator.register_for_checkpointing`)."""
+    """The loop's own state, saved in every checkpoint (`Accelerator.register_for_checkpointing`).
+
+    `step` counts optimizer steps that changed the weights; `attempts` counts every window of
+    `gradient_accumulation_steps` micro-batches, including those skipped (no usable sample, non-finite loss). The
+    position in the data is `(epoch, epoch_micro_batches)`, so a resumed run skips exactly what was consumed, and the
+    sample counters are updated when a micro-batch is consumed, so they are exact across resumption.
+    """
 
     step: int = 0
+    attempts: int = 0
+    epoch: int = 0
+    epoch_micro_batches: int = 0
+    step_at_epoch_start: int = 0
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
+    skipped_steps: int = 0
     skipped_micro_batches: int = 0
+    samples_per_epoch: dict[int, int] = field(default_factory=dict)
     corrupt_samples_per_epoch: dict[int, int] = field(default_factory=dict)
     best_metric: float | None = None
     best_step: int | None = None
@@ -758,6 +594,10 @@ class TrainingProgress:
     def load_state_dict(self, state: dict) -> None:
         for name, value in state.items():
             setattr(self, name, value)
+
+    @property
+    def last_validated_step(self) -> int | None:
+        return self.validation_history[-1]["step"] if self.validation_history else None
 
 
 @dataclass
@@ -772,62 +612,89 @@ class _Window:
     unsynchronised: bool = False
 
     @property
-    def usable(self) -> bool:
-        return self.backward_passes > 0 and not self.nonfinite and not self.unsynchronised
+    def has_gradients(self) -> bool:
+        return self.backward_passes > 0 and not self.unsynchronised
+
+
+class TrainingCollator:
+    """Training `collate_fn`: collates the decodable samples of a micro-batch and reports how many were not.
+
+    Returns `{"batch": collated or None, "num_samples": n, "num_corrupt": k}`. The counts travel with the batch, so
+    the loop counts them when it consumes the batch, not when a loader or a worker prefetches it (which would count
+    batches a resumed run consumes again).
+    """
+
+    max_warnings = 10  # per worker process; the epoch summary gives the totals
+
+    def __init__(self, collate_fn: Callable[[list[dict]], dict]):
+        self.collate_fn = collate_fn
+        self._warned = 0
+
+    def __call__(self, samples: list[dict]) -> dict:
+        good = [{key: value for key, value in sample.items() if key != "decode_error"} for sample in samples
+                if sample.get("decode_error") is None]
+        for sample in samples:
+            if sample.get("decode_error") is not None and self._warned < self.max_warnings:
+                self._warned += 1
+                logger.warning(f"Skipping corrupt training video {sample.get('video')}: {sample['decode_error']}"
+                               + (" (further ones are counted, not listed)" if self._warned == self.max_warnings else ""))
+        return {"batch": self.collate_fn(good) if good else None, "num_samples": len(samples),
+                "num_corrupt": len(samples) - len(good)}
 
 
 class TrainingLoop:
     """Trains `model` with `task`'s loss, validates, checkpoints atomically, and resumes exactly.
 
-    A step is one optimizer step (`gradient_accumulation_steps` micro-batches on every process). The position in
-    the data is a function of the step count alone (epochs hold a whole number of steps), so a resumed run skips
-    exactly the micro-batches already consumed.
+    A step is one optimizer update (`gradient_accumulation_steps` micro-batches on every process). A window whose
+    micro-batches are all unusable, or whose loss is not finite, is skipped and counted, not logged; the run stops
+    with `TrainingRunError` when an epoch has too few usable samples or yields no step.
     """
 
     def __init__(self, accelerator: Accelerator, args: TrainingArguments, task: TrainingTask, model: nn.Module,
                  optimizer, scheduler, train_loader: DataLoader, train_sampler: EpochSampler,
-                 corrupt_counter: CorruptSampleCounter):
+                 checkpoints: CheckpointManager):
         self.accelerator, self.args, self.task = accelerator, args, task
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.train_loader, self.train_sampler, self.corrupt_counter = train_loader, train_sampler, corrupt_counter
+        self.train_loader, self.train_sampler = train_loader, train_sampler
         self.steps_per_epoch = steps_per_epoch(train_loader, args)
         self.total_steps = total_training_steps(train_loader, args)
         self.progress = TrainingProgress()
         # The scheduler is not `prepare`d (that would step it once per process): it is saved as a custom object.
         accelerator.register_for_checkpointing(scheduler, self.progress)
-        self.checkpoints = CheckpointManager(accelerator, Path(args.output_dir) / "checkpoints",
-                                             args.save_total_limit, args.debug_checkpoint_write_delay)
-        self._corrupt_seen = 0
-        self._last_evaluated_step = None
+        self.checkpoints = checkpoints
+        self._last_saved: tuple[int, dict] | None = None  # (step, progress state) of this run's last checkpoint
 
     # -- driving ----------------------------------------------------------------------------------------------------
 
-    def train(self) -> TrainingProgress:
-        resume = self.checkpoints.resolve(self.args.resume_from_checkpoint)
+    def train(self, resume: Path | None = None) -> TrainingProgress:
         if resume is not None:
             self.accelerator.load_state(str(resume))
-            logger.info(f"Resumed from {resume} at step {self.progress.step}", main_process_only=True)
         self._log_plan()
-        self.bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="training",
+        self.bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
                         disable=not self.accelerator.is_local_main_process)
-        while self.progress.step < self.total_steps:
-            self._train_epoch()
-        self.bar.close()
-        if self.args.eval_strategy != "no" and self._last_evaluated_step != self.progress.step:
+        with self.bar, logging_redirect_tqdm():  # log lines above the bar, not through it; closed on errors too
+            while self.progress.step < self.total_steps:
+                self._train_epoch()
+        if self.args.eval_strategy != "no" and self.progress.last_validated_step != self.progress.step:
             self._validate()
-        self.checkpoints.save(self.progress.step, protected_step=self.progress.best_step)
+        self._save()
         if self.args.debug_dump_dir:
             self._debug_dump({"final_step": self.progress.step, "num_processes": self.accelerator.num_processes,
                               "weights_sha256": weights_sha256(self.accelerator.unwrap_model(self.model))})
         return self.progress
 
     def load_best_weights(self) -> int:
-        """Puts the weights of the best validation step back into the model; returns that step."""
+        """Puts the weights of the best validation step back into the model (every process); returns that step."""
         step = self.progress.best_step
         if step is None or step == self.progress.step:
             return self.progress.step
-        # The checkpoint holds the prepared model's state dict, as `Accelerator.load_state` reads it.
-        safetensors.torch.load_model(self.model, self.checkpoints.path(step) / "model.safetensors")
+        checkpoint = self.checkpoints.path(step)
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            load_fsdp_model(self.accelerator.state.fsdp_plugin, self.accelerator, self.model, str(checkpoint))
+        else:
+            # `save_state` writes the unwrapped model's state dict: load it into the unwrapped model (under DDP the
+            # wrapper's keys carry a `module.` prefix).
+            safetensors.torch.load_model(self.accelerator.unwrap_model(self.model), checkpoint / "model.safetensors")
         logger.info(f"Loaded the best weights (step {step}, {self.task.metric_for_best_model}="
                     f"{self.progress.best_metric})", main_process_only=True)
         return step
@@ -842,41 +709,47 @@ class TrainingLoop:
             main_process_only=True,
         )
 
-    def _epoch_batches(self, epoch: int, done: int):
-        """The micro-batches of `epoch` after its first `done` optimizer steps."""
+    def _epoch_batches(self, epoch: int, done: int) -> Iterable[dict]:
+        """The micro-batches of `epoch` after its first `done` ones, as `TrainingCollator` returns them."""
         self.train_sampler.set_epoch(epoch)
         loader = self.train_loader
         if done:
-            loader = self.accelerator.skip_first_batches(loader, done * self.args.gradient_accumulation_steps)
+            loader = self.accelerator.skip_first_batches(loader, done)
         # Accelerate re-applies its own epoch counter to the sampler when iteration starts: keep both equal.
         loader.set_epoch(epoch)
         return loader
 
     def _train_epoch(self) -> None:
-        epoch, done = divmod(self.progress.step, self.steps_per_epoch)
-        loader = self._epoch_batches(epoch, done)
+        progress = self.progress
+        epoch = progress.epoch
+        loader = self._epoch_batches(epoch, progress.epoch_micro_batches)
         self.model.train()
         window = _Window()
-        for batch in loader:
+        for micro_batch in loader:
+            progress.epoch_micro_batches += 1
             with self.accelerator.accumulate(self.model):
-                self._micro_step(batch, window)
+                self._micro_step(micro_batch, window)
             if self.accelerator.sync_gradients:
-                self._optimizer_step(window)
+                applied = self._optimizer_step(window)
                 window = _Window()
-                self._after_step(epoch)
-                if self.progress.step >= self.total_steps:
+                end_of_epoch = progress.epoch_micro_batches == len(self.train_loader)
+                if end_of_epoch:
+                    self._end_epoch(epoch)
+                self._validate_and_save(applied, end_of_epoch)
+                if progress.step >= self.total_steps:
                     break
 
     # -- one step ---------------------------------------------------------------------------------------------------
 
-    def _micro_step(self, batch: dict | None, window: _Window) -> None:
-        if not self._every_process_has_samples(batch):
+    def _micro_step(self, micro_batch: dict, window: _Window) -> None:
+        batch = micro_batch["batch"]
+        if not self._count_samples(micro_batch):
             # Every process must run the same forward/backward passes (DDP, all-gathers): all skip together.
             self.progress.skipped_micro_batches += 1
             window.unsynchronised = self.accelerator.sync_gradients
             return
         loss = self.task.training_loss(self.model, batch)
-        if self.progress.step + 1 in self.args.debug_nonfinite_steps:
+        if self.progress.attempts + 1 in self.args.debug_nonfinite_steps:
             loss = loss * float("nan")
         mean_loss = self.accelerator.reduce(loss.detach().float(), reduction="mean")
         window.local_losses.append(loss.item())
@@ -887,34 +760,53 @@ class TrainingLoop:
         self.accelerator.backward(loss)
         window.backward_passes += 1
 
-    def _every_process_has_samples(self, batch: dict | None) -> bool:
-        has_samples = torch.tensor(float(batch is not None), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(has_samples, reduction="sum") == self.accelerator.num_processes)
+    def _count_samples(self, micro_batch: dict) -> bool:
+        """Adds the micro-batch's samples and corrupt samples (all processes) to the epoch's counts; returns whether
+        every process has a usable batch."""
+        local = [float(micro_batch["batch"] is not None), micro_batch["num_samples"], micro_batch["num_corrupt"]]
+        usable, samples, corrupt = self.accelerator.reduce(
+            torch.tensor(local, device=self.accelerator.device), reduction="sum").tolist()
+        epoch, progress = self.progress.epoch, self.progress
+        progress.samples_per_epoch[epoch] = progress.samples_per_epoch.get(epoch, 0) + int(samples)
+        progress.corrupt_samples_per_epoch[epoch] = progress.corrupt_samples_per_epoch.get(epoch, 0) + int(corrupt)
+        return usable == self.accelerator.num_processes
 
-    def _optimizer_step(self, window: _Window) -> None:
+    def _optimizer_step(self, window: _Window) -> bool:
+        """Applies the window's gradients unless it has none or they are not finite; returns whether it did."""
+        progress = self.progress
+        progress.attempts += 1
         grad_norm = None
-        if window.usable and self.args.max_grad_norm > 0:
+        if window.has_gradients and not window.nonfinite and self.args.max_grad_norm > 0:
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
             # Under fp16 the gradient scaler handles overflowing gradients itself (it skips the step, lowers the scale).
             if self.accelerator.scaler is None and not torch.isfinite(grad_norm):
                 window.nonfinite = True
-        if window.usable:
+        applied = False
+        if window.has_gradients and not window.nonfinite:
             self.optimizer.step()
-            if not self.accelerator.optimizer_step_was_skipped:
-                self.scheduler.step()
-            self.progress.consecutive_nonfinite = 0
+            applied = not self.accelerator.optimizer_step_was_skipped
         self.optimizer.zero_grad(set_to_none=True)
-        self.progress.step += 1
-        if window.nonfinite:
+        if applied:
+            self.scheduler.step()
+            progress.step += 1
+            progress.consecutive_nonfinite = 0
+            self._record_step(window, grad_norm)
+        elif window.nonfinite:
             self._refuse_nonfinite_step(window)
-        self._record_step(window, grad_norm)
+        elif not window.has_gradients:
+            progress.skipped_steps += 1
+        if self.args.debug_dump_dir:
+            self._debug_dump({"attempt": progress.attempts, "step": progress.step, "applied": applied,
+                              "loss": float(np.mean(window.local_losses or [float("nan")])),
+                              "grad_norm": None if grad_norm is None else float(grad_norm)})
+        return applied
 
     def _refuse_nonfinite_step(self, window: _Window) -> None:
         progress, limit = self.progress, self.args.max_nonfinite_steps
         progress.nonfinite_steps += 1
         progress.consecutive_nonfinite += 1
         message = (
-            f"Step {progress.step}: non-finite loss or gradient norm (losses {window.losses}); the optimizer step "
+            f"Step {progress.step + 1}: non-finite loss or gradient norm (losses {window.losses}); the optimizer step "
             f"was skipped and the weights are unchanged ({progress.consecutive_nonfinite} consecutive, "
             f"--max_nonfinite_steps {limit})."
         )
@@ -926,52 +818,75 @@ class TrainingLoop:
 
     def _record_step(self, window: _Window, grad_norm: torch.Tensor | None) -> None:
         step = self.progress.step
-        loss = float(np.mean(window.losses)) if window.losses else float("nan")
+        loss = float(np.mean(window.losses))
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}")
         if step % self.args.logging_steps == 0 or step == self.total_steps:
             values = {"train/loss": loss, "train/learning_rate": self.scheduler.get_last_lr()[0],
-                      "train/epoch": step / self.steps_per_epoch}
+                      "train/epoch": self.progress.epoch + self.progress.epoch_micro_batches / len(self.train_loader)}
             if grad_norm is not None:
                 values["train/grad_norm"] = float(grad_norm)
             self.accelerator.log(values, step=step)
-        if self.args.debug_dump_dir:
-            self._debug_dump({"step": step, "loss": float(np.mean(window.local_losses or [float("nan")])),
-                              "mean_loss": loss, "applied": window.usable,
-                              "grad_norm": None if grad_norm is None else float(grad_norm)})
 
-    def _after_step(self, epoch: int) -> None:
-        self._count_corrupt_samples(epoch)
-        step = self.progress.step
-        end_of_epoch = step % self.steps_per_epoch == 0
-        if end_of_epoch:
-            count = self.progress.corrupt_samples_per_epoch.get(epoch, 0)
-            logger.info(f"Epoch {epoch}: {count} corrupt training sample(s) skipped", main_process_only=True)
-        improved = self._due("eval", step, end_of_epoch) and self._validate()
-        if improved or self._due("save", step, end_of_epoch):
-            self.checkpoints.save(step, protected_step=self.progress.best_step)
+    # -- after a step, after an epoch -------------------------------------------------------------------------------
 
-    def _due(self, what: str, step: int, end_of_epoch: bool) -> bool:
-        strategy = getattr(self.args, f"{what}_strategy")
-        if strategy == "epoch":
-            return end_of_epoch
-        return strategy == "steps" and step % getattr(self.args, f"{what}_steps") == 0
+    def _validate_and_save(self, applied: bool, end_of_epoch: bool) -> None:
+        """Validates and checkpoints when the strategies say so (after the epoch's bookkeeping, so that a checkpoint
+        at the end of an epoch resumes at the start of the next)."""
+        due = {what: (applied and self._due_every_steps(what))
+               or (end_of_epoch and getattr(self.args, f"{what}_strategy") == "epoch") for what in ("eval", "save")}
+        improved = due["eval"] and self._validate()
+        if improved or due["save"]:
+            self._save()
 
-    def _count_corrupt_samples(self, epoch: int) -> None:
-        # Each process counts what its own collator skipped; the epoch's total is their sum.
-        count = self.corrupt_counter.count
-        new = torch.tensor(float(count - self._corrupt_seen), device=self.accelerator.device)
-        self._corrupt_seen = count
-        total = int(self.accelerator.reduce(new, reduction="sum").item())
-        per_epoch = self.progress.corrupt_samples_per_epoch
-        per_epoch[epoch] = per_epoch.get(epoch, 0) + total
+    def _due_every_steps(self, what: str) -> bool:
+        return (getattr(self.args, f"{what}_strategy") == "steps"
+                and self.progress.step % getattr(self.args, f"{what}_steps") == 0)
+
+    def _end_epoch(self, epoch: int) -> None:
+        progress = self.progress
+        samples = progress.samples_per_epoch.get(epoch, 0)
+        corrupt = progress.corrupt_samples_per_epoch.get(epoch, 0)
+        steps = progress.step - progress.step_at_epoch_start
+        progress.epoch, progress.epoch_micro_batches, progress.step_at_epoch_start = epoch + 1, 0, progress.step
+        if corrupt:  # the bar shows the epochs; the counts of every epoch are in all_results.json
+            logger.info(f"Epoch {epoch}: {corrupt} of {samples} training sample(s) skipped as corrupt",
+                        main_process_only=True)
+        self._check_usable_samples(epoch, samples, corrupt, steps)
+
+    def _check_usable_samples(self, epoch: int, samples: int, corrupt: int, steps: int) -> None:
+        usable = samples - corrupt
+        advice = ("check --video_dir, --video_ext and the annotation files (the warnings above name the first "
+                  "failing videos and their errors)")
+        if usable == 0:
+            raise UnusableTrainingDataError(
+                f"Epoch {epoch}: none of the {samples} training samples could be decoded, so nothing was trained: "
+                f"{advice}.")
+        if steps == 0:
+            raise UnusableTrainingDataError(
+                f"Epoch {epoch}: no optimizer step happened ({usable} usable sample(s) of {samples}, never a full "
+                f"set of usable micro-batches on every process): {advice}.")
+        minimum = self.args.min_usable_sample_fraction
+        if usable < minimum * samples:
+            raise UnusableTrainingDataError(
+                f"Epoch {epoch}: only {usable} of {samples} training samples ({usable / samples:.0%}) could be "
+                f"decoded, below --min_usable_sample_fraction {minimum}: {advice}; lower the flag to train anyway.")
+
+    def _save(self) -> None:
+        """Checkpoints the current step; again if its state changed since it was saved (a validation after it)."""
+        step, state = self.progress.step, self.progress.state_dict()
+        if self._last_saved == (step, state):
+            return
+        replace = self._last_saved is not None and self._last_saved[0] == step
+        self.checkpoints.save(step, protected_step=self.progress.best_step, replace=replace,
+                              metadata={"step": step, "total_steps": self.total_steps})
+        self._last_saved = (step, copy.deepcopy(state))
 
     def _validate(self) -> bool:
         """Evaluates the validation split; returns whether it is the best so far."""
         metrics = self.task.evaluate(self.model, "validation")
         self.model.train()
         step, progress = self.progress.step, self.progress
-        self._last_evaluated_step = step
         self.accelerator.log({f"validation/{name}": value for name, value in metrics.items()}, step=step)
         progress.validation_history.append({"step": step, **metrics})
         name = self.task.metric_for_best_model
@@ -1009,12 +924,11 @@ class TrainingScript:
     processor, `all_results.json` and the model card (and push them with `--push_to_hub`).
     """
 
-    argument_types: tuple  # (ModelArguments, DataArguments, the task's arguments, TrainingArguments)
-    recipe_defaults: dict  # defaults for pre-trained CLIP checkpoints
-    demo_defaults: dict  # on top of them for the default tiny random CLIP
-    dataset_formats: tuple[str, ...]  # the `--dataset` values besides "synthetic"
+    command_line: ScriptCommandLine
     model_class: type
     card_task: str  # the model card's task
+    summary_metrics: tuple[str, ...]  # the test metrics of the end-of-run summary
+    next_command: str  # what to run on the trained model; "{output_dir}" is filled in
     do_train: bool = True  # --do_train, set by `main` (False: the splits of an evaluation only)
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
@@ -1029,8 +943,8 @@ class TrainingScript:
         """The task's `StanConfig` fields (and `from_clip_pretrained` options)."""
         raise NotImplementedError
 
-    def prepare_model(self, model: nn.Module, task_args) -> None:
-        """Adjusts the freshly built model (e.g. freezes parts)."""
+    def prepare_model(self, model: nn.Module, task_args, processor) -> None:
+        """Adjusts the freshly built model (e.g. freezes parts, or tokenizes class names with the processor)."""
 
     def training_collate(self, processor, task_args) -> Callable[[list[dict]], dict]:
         raise NotImplementedError
@@ -1046,38 +960,60 @@ class TrainingScript:
     def main(self, argv: Sequence[str] | None = None) -> dict:
         """Runs the script; returns the metrics also written to OUTPUT_DIR/all_results.json."""
         started = time.time()
-        arguments = parse_script_arguments(self.argument_types, self.recipe_defaults, self.demo_defaults, argv)
+        arguments = self.command_line.parse(argv)
         model_args, data_args, task_args, training_args = arguments
         accelerator = setup_run(training_args)
+        logger.info(self.command_line.settings_line(arguments), main_process_only=True)
         output_dir = Path(training_args.output_dir)
+        if training_args.do_train:  # decided first, so that a refused re-run stops at once
+            checkpoints, resumption = checkpoints_and_resumption(accelerator, training_args,
+                                                                 run_defining_arguments(*arguments))
         model_path = model_source(accelerator, model_args, output_dir, training_args.seed)
         self.do_train = training_args.do_train
         dataset_name, splits = self._splits(accelerator, data_args, task_args, training_args)
-        options = {name for kind in self.argument_types for name in kind.__dataclass_fields__}
+        options = {name for kind in self.command_line.argument_types for name in kind.__dataclass_fields__}
         model = load_stan_model(self.model_class, model_path, model_args, training_args.seed,
                                 given=explicit_options(argv), options=options, num_frames=data_args.num_frames,
                                 **self.model_config_fields(task_args, splits))
-        self.prepare_model(model, task_args)
         processor = make_processor(model, model_path, data_args.num_frames)
+        self.prepare_model(model, task_args, processor)
         if not training_args.do_train:
             return self.evaluate_only(accelerator, model, processor, splits, data_args, task_args, training_args)
-        loop = self._training_loop(accelerator, model, processor, splits, data_args, task_args, training_args)
+        loop = self._training_loop(accelerator, model, processor, splits, data_args, task_args, training_args,
+                                   checkpoints)
         accelerator.init_trackers(f"stan-{self.card_task}", config=_tracker_config(arguments_dict(*arguments)))
 
-        progress = loop.train()
+        progress = loop.train(resumption.checkpoint)
         best_step = loop.load_best_weights()
         results = {
             "validation": next((m for m in progress.validation_history if m["step"] == best_step), {}),
             "test": loop.task.evaluate(loop.model, "test"),
             "train": self.training_summary(loop, best_step, time.time() - started),
         }
-        logger.info(f"Test metrics: {results['test']}", main_process_only=True)
+        results.update(self.extra_results(accelerator, loop.model, loop.task, processor, results, data_args, task_args,
+                                          training_args))
         card = {"task": self.card_task, "base_model": model_args.model_name_or_path or "tiny random CLIP",
                 "dataset_name": dataset_name, "training_args": arguments_dict(*arguments)}
-        _save_final_model(accelerator, accelerator.unwrap_model(loop.model), processor, results, card, output_dir)
+        _save_final_model(accelerator, loop.model, processor, results, card, output_dir)
         _push_to_hub(accelerator, training_args, output_dir)
         accelerator.end_training()
+        if accelerator.is_main_process:
+            print(run_summary(results, output_dir, self.summary_metrics, training_args.metric_for_best_model,
+                              self.next_command), flush=True)
         return results
+
+    def run_from_command_line(self) -> None:
+        """`main()` for `python script.py`: a run that cannot do its job ends with its reason, not a traceback."""
+        try:
+            self.main()
+        except (TrainingRunError, RerunError) as error:
+            logger.error(f"{type(error).__name__}: {error}")
+            sys.exit(1)
+
+    def extra_results(self, accelerator: Accelerator, model: nn.Module, task: TrainingTask, processor, results: dict,
+                      data_args: DataArguments, task_args, training_args: TrainingArguments) -> dict:
+        """Results beyond the evaluation splits (e.g. other class sets), merged into `all_results.json`."""
+        return {}
 
     def evaluate_only(self, accelerator: Accelerator, model: nn.Module, processor, splits: dict,
                       data_args: DataArguments, task_args, training_args: TrainingArguments) -> dict:
@@ -1090,6 +1026,8 @@ class TrainingScript:
         model, *loaders = accelerator.prepare(model, *loaders)
         task = self.make_task(accelerator, task_args, training_args, splits, dict(zip(present, loaders)), processor)
         results = {split: task.evaluate(model, split) for split in present}
+        results.update(self.extra_results(accelerator, model, task, processor, results, data_args, task_args,
+                                          training_args))
         logger.info(f"Evaluation without training: {results}", main_process_only=True)
         if accelerator.is_main_process:
             output_dir = Path(training_args.output_dir)
@@ -1118,13 +1056,13 @@ class TrainingScript:
             return dataset_name, _limit_rows(self.load_splits(data_args, task_args, training_args.seed), data_args)
 
     def _training_loop(self, accelerator: Accelerator, model: nn.Module, processor, splits: dict,
-                       data_args: DataArguments, task_args, training_args: TrainingArguments) -> TrainingLoop:
+                       data_args: DataArguments, task_args, training_args: TrainingArguments,
+                       checkpoints: CheckpointManager) -> TrainingLoop:
         """Data loaders, optimizer and scheduler, prepared by the accelerator, and the loop that uses them."""
         video_options = data_args.video_options(processor.video_processor)
-        counter = CorruptSampleCounter()
         train_loader, train_sampler = training_dataloader(
-            splits["train"], video_options, self.training_collate(processor, task_args), counter, data_args,
-            training_args, accelerator.num_processes,
+            splits["train"], video_options, self.training_collate(processor, task_args), data_args, training_args,
+            accelerator.num_processes,
         )
         eval_loaders = [self.evaluation_dataloader(splits[split], video_options, task_args, data_args, training_args)
                         for split in EVAL_SPLITS]
@@ -1134,11 +1072,11 @@ class TrainingScript:
                               processor)
         scheduler = build_scheduler(optimizer, training_args, total_training_steps(train_loader, training_args))
         return TrainingLoop(accelerator, training_args, task, model, optimizer, scheduler, train_loader,
-                            train_sampler, counter)
+                            train_sampler, checkpoints)
 
     def _check_dataset(self, data_args: DataArguments) -> None:
-        if data_args.dataset not in self.dataset_formats:
-            raise ValueError(f"--dataset must be 'synthetic' or one of {list(self.dataset_formats)}, "
+        if data_args.dataset not in self.command_line.dataset_formats:
+            raise ValueError(f"--dataset must be 'synthetic' or one of {list(self.command_line.dataset_formats)}, "
                              f"got {data_args.dataset!r}.")
         if data_args.video_dir is None:
             raise ValueError(f"--dataset {data_args.dataset} needs --video_dir.")
@@ -1160,8 +1098,14 @@ def _tracker_config(values: dict) -> dict:
 def _save_final_model(accelerator: Accelerator, model: nn.Module, processor, results: dict, card: dict,
                       output_dir: Path) -> None:
     """The model and processor as a complete Hub repository (see `StanPreTrainedModel.save_pretrained`),
-    `all_results.json` and the model card."""
-    model.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    `all_results.json` and the model card.
+
+    Every process calls this with the prepared model: the state dict is gathered from all of them (FSDP shards it)
+    and written by the main process."""
+    state_dict = accelerator.get_state_dict(model)
+    accelerator.unwrap_model(model).save_pretrained(
+        output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
+    )
     if accelerator.is_main_process:
         processor.save_pretrained(output_dir)
         with open(output_dir / "all_results.json", "w", encoding="utf-8") as file:
@@ -1175,12 +1119,35 @@ def training_summary(loop: TrainingLoop, best_step: int, runtime: float) -> dict
     return {
         "steps": progress.step,
         "best_step": best_step,
+        "epochs": progress.epoch + progress.epoch_micro_batches / len(loop.train_loader),
         "nonfinite_steps": progress.nonfinite_steps,
+        "skipped_steps": progress.skipped_steps,
         "skipped_micro_batches": progress.skipped_micro_batches,
+        "samples": sum(progress.samples_per_epoch.values()),
         "corrupt_samples": sum(progress.corrupt_samples_per_epoch.values()),
         "corrupt_samples_per_epoch": {str(k): v for k, v in sorted(progress.corrupt_samples_per_epoch.items())},
         "runtime_seconds": round(runtime, 1),
     }
+
+
+def run_summary(results: dict, output_dir: Path, metrics: Sequence[str], best_metric: str, next_command: str) -> str:
+    """The end-of-run table: key metrics, where everything was written, and what to run next."""
+    train, test, validation = results["train"], results["test"], results["validation"]
+    rows = [("steps", f"{train['steps']} (best validation at step {train['best_step']})")]
+    if best_metric in validation:
+        rows.append((f"validation {best_metric}", f"{validation[best_metric]:.2f} (selects the best step)"))
+    rows += [(f"test {name}", f"{test[name]:.2f}") for name in metrics if name in test]
+    rows += [("corrupt training samples", f"{train['corrupt_samples']} of {train['samples']}"),
+             ("skipped steps", f"{train['skipped_steps']} (no usable sample), {train['nonfinite_steps']} (non-finite)"),
+             ("runtime", f"{train['runtime_seconds']:.0f} s"),
+             ("model and processor", str(output_dir)),
+             ("model card", str(output_dir / "README.md")),
+             ("all metrics", str(output_dir / "all_results.json")),
+             ("checkpoints", str(output_dir / "checkpoints"))]
+    width = max(len(name) for name, _ in rows)
+    lines = ["", "Run summary", "-" * 11, *(f"{name:<{width}}  {value}" for name, value in rows), "",
+             "Next:", f"  {next_command.format(output_dir=output_dir)}", ""]
+    return "\n".join(lines)
 
 
 def _push_to_hub(accelerator: Accelerator, args: TrainingArguments, output_dir: Path) -> None:

@@ -17,8 +17,9 @@ except ImportError as error:
 
 _DESCRIPTION = """
 Top-k accuracy (percent) of video recognition. With multi-view testing (clips x crops),
-each video's views are combined by averaging their softmax scores before ranking. A video
-counts as correct at k when fewer than k classes score strictly higher than its label.
+each video's views are combined by averaging their softmax scores before ranking. Ties are
+split: with h classes scoring strictly higher than the label and t others tied with it, a
+video counts clamp((k - h) / (t + 1), 0, 1) towards top-k, so constant scores give chance.
 """
 
 _KWARGS_DESCRIPTION = """

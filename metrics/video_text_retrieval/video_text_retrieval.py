@@ -23,9 +23,11 @@ except ImportError as error:
 
 _DESCRIPTION = """
 Text-to-video and video-to-text retrieval: R@1, R@5, R@10 (percent), median rank (MdR) and
-mean rank (MnR). A rank is 1 + the number of candidates scoring strictly higher than the
-ground truth, so ties cannot inflate it. With several captions per video, each caption is
-a text query, and in video-to-text a video's rank is the best rank among its captions.
+mean rank (MnR). Ties are split: with h candidates scoring strictly higher than the ground
+truth and t others tied with it, the ground truth's place is uniform among h+1 ... h+t+1, so
+a query counts clamp((k - h) / (t + 1), 0, 1) towards R@k and h + t/2 + 1 towards MdR/MnR;
+a collapsed model (all scores equal) scores chance. With several captions per video, each
+caption is a text query, and in video-to-text a video's rank is the best rank among its captions.
 Optional re-ranking: dual softmax (DSL) or QB-Norm (dynamic inverted softmax).
 """
 
