@@ -243,7 +243,9 @@ class StanForVideoClassificationTest(ModelTesterMixin, unittest.TestCase):
     all_model_classes = (StanForVideoClassification,)
     test_resize_embeddings = False
     test_attention_outputs = False
-    _is_composite = True
+    # Unlike CLIPForImageClassification's, the tested (linear) head keeps no text tower: `text_model` is None, and the
+    # model is the video tower alone.
+    _is_composite = False
 
     def setUp(self):
         self.model_tester = StanVisionModelTester(self)
