@@ -38,7 +38,11 @@ def shown_options(text: str) -> dict[str, str]:
 
 
 def shown_value(value) -> str:
-    return "unset" if value is None else " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

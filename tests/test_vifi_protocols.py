@@ -2,6 +2,7 @@
 through `run_classification.py`, and zero-shot recognition from a STAN dual-encoder checkpoint."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -190,15 +191,19 @@ def test_zero_shot_over_the_three_official_ucf101_splits(tmp_path, vifi_data):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--zero_shot_dataset", "kinetics"], "--zero_shot_dataset must be one of"),
-    (["--trainable_parts", "everything"], "--trainable_parts must be one of"),
+    (["--zero_shot_dataset", "kinetics"], "argument --zero_shot_dataset.*invalid choice"),
+    (["--trainable_parts", "everything"], "argument --trainable_parts.*invalid choice"),
     (["--novel_test_file", "novel.txt", "--classifier_type", "text_encoder"], "needs both --novel_test_file"),
     (["--zero_shot_test_files", "a.txt", "--zero_shot_labels_files", "x.csv", "y.csv"], "one file or one per split"),
     (["--zero_shot_test_files", "a.txt", "--zero_shot_labels_files", "x.csv"], "need --classifier_type text_encoder"),
 ])
-def test_protocol_options_fail_before_training(tmp_path, flags, message):
-    with pytest.raises(ValueError, match=message):
+def test_protocol_options_fail_before_training(tmp_path, flags, message, capsys):
+    """Bad protocol options end the command line with its usage error (status 2), before any data is read."""
+    with pytest.raises(SystemExit) as exit_info:
         run(run_classification, tmp_path / "out", *flags)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_zero_shot_recognition_from_a_stan_checkpoint_without_training(tiny_clip_dir, tmp_path, vifi_data):

@@ -267,7 +267,7 @@ def _with_defaults(action: argparse.Action, other_defaults: dict, is_demo: bool)
     """The help text with the default this run uses and, where it differs, the other set's."""
     help_text = action.help.replace("%", "%%")
     parts = []
-    if action.default not in (None, []):
+    if action.default is not None:
         parts.append(f"default: {_show(action.default)}")
     other = other_defaults[action.dest]
     if other != action.default:
@@ -278,6 +278,8 @@ def _with_defaults(action: argparse.Action, other_defaults: dict, is_demo: bool)
 def _show(value) -> str:
     if value is None:
         return "unset"
+    if isinstance(value, list) and not value:
+        return "none"  # an empty list option, e.g. no --multi_scale_crop scales
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
