@@ -9,6 +9,7 @@ on a small synthetic dataset generated once per module.
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -407,6 +408,17 @@ def demo_data_dir(tmp_path_factory):
     return root
 
 
+def assert_next_command_runs(script_class, output_dir, data_dir, expected_text):
+    """The command the end-of-run summary suggests works as printed, on a video named video.mp4 in the working folder."""
+    workdir = output_dir.parent / "next_command"
+    workdir.mkdir()
+    shutil.copy(next(data_dir.rglob("*.mp4")), workdir / "video.mp4")
+    command = script_class.next_command.format(output_dir=output_dir)
+    completed = subprocess.run(shlex.split(command), cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert expected_text in completed.stdout
+
+
 def test_retrieval_demo_learns_far_above_chance(tmp_path, demo_data_dir):
     """The default job (tiny random CLIP, 160/40/40 synthetic videos), 3 of its 12 epochs, no validation."""
     results = run(run_retrieval, tmp_path / "out", "--data_dir", demo_data_dir, "--num_train_epochs", 3,
@@ -418,6 +430,7 @@ def test_retrieval_demo_learns_far_above_chance(tmp_path, demo_data_dir):
         assert (tmp_path / "out" / name).is_file(), name
     # A trained dual encoder carries the zero-shot pipeline as remote code.
     assert "zero-shot-video-classification" in json.loads((tmp_path / "out" / "config.json").read_text())["custom_pipelines"]
+    assert_next_command_runs(run_retrieval.RetrievalScript, tmp_path / "out", demo_data_dir, "label")
 
 
 def test_classification_demo_learns_far_above_chance(tmp_path, demo_data_dir):
@@ -428,3 +441,4 @@ def test_classification_demo_learns_far_above_chance(tmp_path, demo_data_dir):
                   "--eval_strategy", "no", "--save_strategy", "no")
     chance = 100 / 4  # four motion directions
     assert results["test"]["top1"] >= 2 * chance
+    assert_next_command_runs(run_classification.ClassificationScript, tmp_path / "out", demo_data_dir, "label")

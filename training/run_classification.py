@@ -280,8 +280,8 @@ class ClassificationScript(TrainingScript):
     model_class = StanForVideoClassification
     card_task = "video-classification"
     summary_metrics = ("top1", "top5")
-    next_command = ("python -c \"import modeling_stan; from transformers import pipeline; "
-                    "print(pipeline('video-classification', model='{output_dir}')('video.mp4', top_k=2))\"")
+    next_command = ("python -c \"from transformers import pipeline; print(pipeline('video-classification', "
+                    "model='{output_dir}', trust_remote_code=True)('video.mp4', top_k=2))\"")
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
         # The synthetic dataset ships a class-per-folder copy: folders/{train,validation,test}/<direction>/.

@@ -284,10 +284,12 @@ class RetrievalScript(TrainingScript):
     model_class = StanForVideoTextRetrieval
     card_task = "video-text-retrieval"
     summary_metrics = ("t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_MdR", "v2t_R@1", "dsl_t2v_R@1")
-    next_command = ("python -c \"import modeling_stan; from transformers import pipeline; "
-                    "print(pipeline('zero-shot-video-classification', model='{output_dir}')('video.mp4', "
-                    "candidate_labels=['a red square moves from left to right', 'a blue circle moves from top to "
-                    "bottom'], hypothesis_template='{{}}'))\"")
+    # A saved checkpoint carries its pipeline code (custom_pipelines), which transformers runs only with
+    # trust_remote_code=True, with or without this package installed.
+    next_command = ("python -c \"from transformers import pipeline; "
+                    "print(pipeline('zero-shot-video-classification', model='{output_dir}', trust_remote_code=True)("
+                    "'video.mp4', candidate_labels=['a red square moves from left to right', 'a blue circle moves "
+                    "from top to bottom'], hypothesis_template='{{}}'))\"")
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
         # The synthetic dataset ships an MSR-VTT-style annotation file holding all three splits.
