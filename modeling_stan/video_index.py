@@ -220,6 +220,11 @@ class IndexStore:
             failed = self._failed()
         return indexed, failed
 
+    def failed(self) -> list[FailedVideo]:
+        """The videos that could not be embedded (without reading the indexed ones)."""
+        with _damage_reported(self.path), _transaction(self._connection, write=False):
+            return self._failed()
+
     def _failed(self) -> list[FailedVideo]:
         rows = self._connection.execute("SELECT path, size, mtime_ns, error FROM failed ORDER BY path")
         return [FailedVideo(*row) for row in rows]

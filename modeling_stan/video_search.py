@@ -438,7 +438,7 @@ def _run_query(args) -> None:
         raise VideoSearchError("--dsl needs every video's score for every bank sentence; it cannot use --faiss.")
     with IndexStore.open(args.index, verify=not args.faiss) as store:
         index = None if args.faiss else store.snapshot()
-        built_with, failed = store.settings.model, (index.failed if index else store.entries()[1])
+        built_with, failed = store.settings.model, (index.failed if index else store.failed())
     if built_with != model_identity(args.model):
         raise VideoSearchError(f"{args.index} was built with model {built_with!r}, not {model_identity(args.model)!r}.")
     model, processor = load_search_model(args.model)

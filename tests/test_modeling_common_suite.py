@@ -261,14 +261,14 @@ class StanForVideoClassificationTest(ModelTesterMixin, unittest.TestCase):
     def test_inputs_embeds(self):
         pass
 
-    @unittest.skip(reason="CLIPForImageClassification does not support inputs_embeds")
+    @unittest.skip(reason="CLIPForImageClassification does not support inputs_embeds")  # CLIP's own wording
     def test_model_get_set_embeddings(self):
         pass
 
     def test_logits_shape(self):
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
         model = StanForVideoClassification(config).eval()
-        labels = torch.tensor([0, 1, 2])
+        labels = torch.arange(self.model_tester.batch_size) % self.model_tester.num_labels
         with torch.no_grad():
             outputs = model(**inputs, labels=labels)
         self.assertEqual(outputs.logits.shape, (self.model_tester.batch_size, self.model_tester.num_labels))

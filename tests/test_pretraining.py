@@ -140,8 +140,7 @@ def test_a_data_position_is_refused_on_another_layout():
     def loader(num_processes, streams):
         return pretraining_data.MixedStreamLoader(
             [pretraining_data.ShardSource("web", [], 8)], [2], make_stream=None, streams_per_process=streams,
-            num_workers=0, process_index=0, num_processes=num_processes, seed=0, tokenize=None, device="cpu",
-            counter=None)
+            num_workers=0, process_index=0, num_processes=num_processes, seed=0, tokenize=None, device="cpu")
 
     state = loader(1, 2).state_dict()
     with pytest.raises(ValueError, match="1 process\\(es\\) x 2 stream"):

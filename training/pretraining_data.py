@@ -43,7 +43,6 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset
 
 from modeling_stan.synthetic_videos import SyntheticVideo, caption_for, paraphrase_for, render_clip
-from modeling_stan.video_datasets import CorruptSampleCounter
 from modeling_stan.video_io import VideoDecodeError, decode_video
 
 
@@ -271,18 +270,23 @@ class MixedStreamLoader:
 
     def __init__(self, sources: list[ShardSource], counts: list[int], *, make_stream: Callable[..., ShardStream],
                  streams_per_process: int, num_workers: int, process_index: int, num_processes: int, seed: int,
-                 tokenize: Callable[[list[str]], dict], device: torch.device, counter: CorruptSampleCounter,
+                 tokenize: Callable[[list[str]], dict], device: torch.device,
                  record: Callable[[dict], None] | None = None):
         self.sources, self.counts, self.make_stream = sources, counts, make_stream
         self.streams_per_process, self.num_workers = streams_per_process, num_workers
         self.process_index, self.num_processes, self.seed = process_index, num_processes, seed
-        self.tokenize, self.device, self.counter, self.record = tokenize, device, counter, record
+        self.tokenize, self.device, self.record = tokenize, device, record
         self.samples_seen = {source.name: 0 for source in sources}
         self.corrupt = {source.name: 0 for source in sources}
         self._reset(epoch=0)
 
     def __len__(self) -> int:
         return sum(self.counts)
+
+    @property
+    def total_corrupt(self) -> int:
+        """Corrupt samples skipped by this process so far, all sources together."""
+        return sum(self.corrupt.values())
 
     def _reset(self, epoch: int) -> None:
         self.epoch, self.position = epoch, 0
@@ -320,7 +324,6 @@ class MixedStreamLoader:
                 continue
             streams["states"][stream] = batch["state"]
             self.corrupt[name] += batch["corrupt"]
-            self.counter.add(batch["corrupt"])
             if batch["pixel_values"] is None:
                 continue
             self.samples_seen[name] += len(batch["keys"])

@@ -70,7 +70,7 @@ class ClassificationArguments(AugmentationArguments):
     def __post_init__(self):
         # Checked before anything runs: the evaluations these options ask for come after training.
         super().__post_init__()
-        for name in ("classifier_type", "trainable_parts", "zero_shot_dataset"):  # config files bypass argparse
+        for name in ("classifier_type", "trainable_parts", "zero_shot_dataset"):  # also when built in Python, not from the command line
             allowed = get_args(self.__dataclass_fields__[name].type)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeling_stan.synthetic_videos import plan_videos
-from modeling_stan.video_datasets import CorruptSampleCounter
 from pretraining_data import (
     ClipDecoder,
     MixedStreamLoader,
@@ -95,10 +94,10 @@ class StreamingTrainingLoop(TrainingLoop):
     @staticmethod
     def _with_counts(loader):
         """The loop's micro-batches: each batch with its samples and the corrupt ones the stream skipped for it (the
-        stream is read in this process, so the counter moves exactly with the batches)."""
-        seen = loader.counter.count
+        stream is read in this process, so its count moves exactly with the batches)."""
+        seen = loader.total_corrupt
         for batch in loader:
-            corrupt, seen = loader.counter.count - seen, loader.counter.count
+            corrupt, seen = loader.total_corrupt - seen, loader.total_corrupt
             usable = 0 if batch is None else len(batch["input_ids"])
             yield {"batch": batch, "num_samples": usable + corrupt, "num_corrupt": corrupt}
 
@@ -150,7 +149,6 @@ class PretrainingScript(RetrievalScript):
         workers = data_args.dataloader_num_workers
         decoder = ClipDecoder(processor.video_processor, task_args.train_num_frames or data_args.num_frames,
                               data_args.random_resized_crop_scale)
-        counter = CorruptSampleCounter()
         loader = MixedStreamLoader(
             sources, counts,
             make_stream=functools.partial(ShardStream, seed=training_args.seed,
@@ -162,7 +160,7 @@ class PretrainingScript(RetrievalScript):
             tokenize=functools.partial(processor.tokenizer, padding="max_length", truncation=True,
                                        max_length=task_args.train_max_text_length or task_args.max_text_length,
                                        return_tensors="pt"),
-            device=accelerator.device, counter=counter, record=self._recorder(accelerator, training_args),
+            device=accelerator.device, record=self._recorder(accelerator, training_args),
         )
         self.train_loader = loader
         video_options = data_args.video_options(processor.video_processor)
