@@ -78,6 +78,10 @@ def runs(tmp_path_factory):
 
 def test_gathered_loss_equals_the_single_process_loss(runs):
     one, _ = records(runs / "one_dump", 0)
+    # Rounding in a gradient follows the size of the terms summed, not of the result: after a large update the
+    # gradient can nearly cancel (measured: norms 25.7, 69.5, then 0.39), and the two reduction orders then agree to
+    # about 1e-6 of the run's largest norm (5.5e-5 at step 3), not to 1e-4 of the tiny one.
+    rounding = 1e-6 * max(record["grad_norm"] for record in one)
     for rank in (0, 1):
         two, _ = records(runs / "two_dump", rank)
         assert [r["step"] for r in two] == list(range(1, STEPS + 1))
@@ -85,7 +89,7 @@ def test_gathered_loss_equals_the_single_process_loss(runs):
             # Each process computes the loss of the whole global batch from the gathered features.
             assert distributed["loss"] == pytest.approx(single["loss"], abs=1e-5)
             # Gradient scale: DDP's average of the processes' gradients is the single-process gradient.
-            assert distributed["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
+            assert distributed["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4, abs=rounding)
 
 
 def test_authors_gradient_scale_is_one_over_the_number_of_processes(runs):
