@@ -121,7 +121,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=16, help="clips per step (whole pairs)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--num_frames", type=int, default=8)
     parser.add_argument("--train_pairs", type=int, default=1024)
     parser.add_argument("--test_pairs", type=int, default=256)

@@ -27,8 +27,9 @@ class StanConfig(PreTrainedConfig):
         vision_config (`dict` or `CLIPVisionConfig`, *optional*): the CLIP vision tower.
         projection_dim (`int`, defaults to 512): size of the joint embedding space.
         logit_scale_init_value (`float`, defaults to 2.6592): initial log of the logit scale.
-        initializer_range (`float`, defaults to 0.02): standard deviation of the STAN branch's new layers when
-            they are not copied from CLIP.
+        initializer_range (`float`, defaults to 0.02): as CLIP's: standard deviation of the patch and position
+            embeddings and of the layers CLIP's scaled initialisation does not cover (a linear classifier, the
+            STAN temporal convolution), where no weights are loaded.
         stan_depth (`int`, defaults to 4): number K of STAN layers. `0` removes the branch: the video
             embedding is then the mean of the CLIP frame embeddings (the ViFi-CLIP baseline).
         temporal_module (`str`, defaults to `"attention"`): `"attention"` (STAN-self) or `"conv"`

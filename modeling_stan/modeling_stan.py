@@ -412,10 +412,19 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
                 sub_config._attn_implementation_internal = implementation
         super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers skips the parameterless modules of custom code when initialising (CLIPAttention and CLIPMLP, in
+        # our towers and in the CLIP text tower alike: their Linear children hold the weights). That guards against an
+        # `_init_weights` that would overwrite loaded weights, and it would leave the weights a checkpoint lacks at the
+        # generic N(0, initializer_range) instead of CLIP's scaled initialisation. Ours, as CLIP's, only uses
+        # `transformers.initialization`, which never touches a loaded weight, so these models are initialised as
+        # transformers' own are, imported from this package or loaded as remote code. (No checkpoint conversion is
+        # registered for our classes or model type, the flag's other use.)
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module):
-        # transformers initialises remote-code models leaf module by leaf module (a module without parameters
-        # of its own is skipped), so every special case is keyed on the module holding the parameters.
         if isinstance(module, StanZeroInitLinear):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
@@ -427,8 +436,15 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
         else:
             # CLIP's initialisation; other linear and conv layers get N(0, config.initializer_range).
             super()._init_weights(module)
-        if isinstance(module, (StanModel, StanForVideoClassification)) and module.logit_scale is not None:
-            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+        if isinstance(module, (StanModel, StanForVideoClassification)):
+            # CLIP's scaled initialisation of the projections (keyed there on CLIPModel's own class):
+            # N(0, in_features**-0.5 * initializer_factor). A linear classifier keeps N(0, initializer_range), as the
+            # heads of transformers' video classifiers (VideoMAE, ViViT, TimeSformer) start.
+            for projection in (module.visual_projection, getattr(module, "text_projection", None)):
+                if projection is not None:
+                    init.normal_(projection.weight, std=projection.in_features**-0.5 * self.config.initializer_factor)
+            if module.logit_scale is not None:
+                init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves the model as a complete Hub repository (saved next to its processor, as `processor.save_pretrained`
@@ -470,13 +486,13 @@ class StanPreTrainedModel(CLIPPreTrainedModel):
         fields (e.g. `stan_depth=4, temporal_module="conv"`, or `id2label` for classification).
         """
         clip = CLIPModel.from_pretrained(clip_name_or_path, **(clip_kwargs or {}))
-        config = StanConfig.from_clip_config(clip.config, **stan_kwargs)
-        model = cls(config)
-        model._load_clip(clip)
+        model = cls(StanConfig.from_clip_config(clip.config, **stan_kwargs))
+        model._start_from_clip(clip, clip_name_or_path)
         model.eval()
         return model
 
-    def _load_clip(self, clip: CLIPModel) -> None:
+    def _start_from_clip(self, clip: CLIPModel, clip_name_or_path) -> None:
+        """Loads the CLIP weights this model keeps and starts the STAN branch from CLIP's layers."""
         clip_state = clip.state_dict()
         own_state = self.state_dict()
         unused = sorted(k for k in set(clip_state) - set(own_state) if not k.startswith(self._clip_prefixes_not_kept))
@@ -731,13 +747,13 @@ class StanForVideoClassification(StanPreTrainedModel):
         self.vision_model = StanVisionModel._from_config(config)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         head = config.classifier_type
-        self.classifier = self.text_model = self.text_projection = self.text_prompts = self.logit_scale = None
-        if head == "text_encoder":
+        # As CLIPForImageClassification, a head without the text tower has no text attributes at all.
+        self.classifier = self.logit_scale = None
+        if self.has_text_tower:
             self.text_model = CLIPTextModel._from_config(config.text_config)
             self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
-            if config.text_prompt_depth:
-                self.text_prompts = TextPrompts(config.text_prompt_depth, config.text_prompt_length,
-                                                config.text_config.hidden_size)
+            self.text_prompts = None if not config.text_prompt_depth else TextPrompts(
+                config.text_prompt_depth, config.text_prompt_length, config.text_config.hidden_size)
             # The tokenized class prompts, padded to every text position as ViFi-CLIP does, so that their shape
             # follows from the config (with or without prompts) and they are saved with the weights.
             shape = (config.num_labels, config.text_config.max_position_embeddings)
@@ -753,6 +769,11 @@ class StanForVideoClassification(StanPreTrainedModel):
                 self.logit_scale.requires_grad_(False)
         self.post_init()
 
+    @property
+    def has_text_tower(self) -> bool:
+        """Whether the head computes its class embeddings with the text tower (`classifier_type="text_encoder"`)."""
+        return self.config.classifier_type == "text_encoder"
+
     def _class_prompt_budget(self) -> int:
         """Tokens a class prompt may use: the text positions the text prompts leave."""
         prompt_tokens = self.config.text_prompt_length if self.config.text_prompt_depth else 0
@@ -764,22 +785,23 @@ class StanForVideoClassification(StanPreTrainedModel):
         The class-embedding heads start from the CLIP text embeddings of the class prompts; the text-encoder head
         keeps CLIP's text tower and the tokenized class prompts (and starts its text prompts from
         `text_prompt_init` where the config asks for it)."""
-        from transformers import AutoTokenizer
-
         if class_names is not None:
             stan_kwargs.setdefault("id2label", dict(enumerate(class_names)))
-        model = super().from_clip_pretrained(clip_name_or_path, clip_kwargs=clip_kwargs, **stan_kwargs)
-        if model.config.classifier_type == "linear":
-            return model
+        return super().from_clip_pretrained(clip_name_or_path, clip_kwargs=clip_kwargs, **stan_kwargs)
+
+    def _start_from_clip(self, clip: CLIPModel, clip_name_or_path) -> None:
+        super()._start_from_clip(clip, clip_name_or_path)
+        if self.config.classifier_type == "linear":
+            return
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(clip_name_or_path)
-        if model.text_model is not None:
-            model.set_class_names(model.class_names(), tokenizer)
-            if model.text_prompts is not None:
-                model.init_text_prompts_from_phrase(tokenizer)
-            return model
-        clip = CLIPModel.from_pretrained(clip_name_or_path, **(clip_kwargs or {}))
-        model.init_class_embeddings(clip, tokenizer)
-        return model
+        if self.has_text_tower:
+            self.set_class_names(self.class_names(), tokenizer)
+            if self.text_prompts is not None:
+                self.init_text_prompts_from_phrase(tokenizer)
+        else:
+            self.init_class_embeddings(clip, tokenizer)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.vision_model.get_input_embeddings()
@@ -810,7 +832,7 @@ class StanForVideoClassification(StanPreTrainedModel):
     def set_class_names(self, class_names: list[str], tokenizer) -> None:
         """Points the text-encoder head at a new class list (e.g. another dataset's, for zero-shot recognition):
         `id2label` and the tokenized class prompts."""
-        if self.text_model is None:
+        if not self.has_text_tower:
             raise ValueError(f"classifier_type={self.config.classifier_type!r} cannot change its classes: only the "
                              "'text_encoder' head computes class embeddings from class names.")
         inputs = tokenize_class_prompts(tokenizer, class_names, self.config.hypothesis_template,
@@ -832,7 +854,7 @@ class StanForVideoClassification(StanPreTrainedModel):
 
     def class_embeddings(self) -> torch.Tensor:
         """The (num_labels, projection_dim) class embeddings, not normalised."""
-        if self.text_model is None:
+        if not self.has_text_tower:
             return self.classifier.weight
         if not bool(self.class_attention_mask.any(dim=1).all()):
             # A folder without class prompts (e.g. a StanModel's) loads with empty ones: never score against those.

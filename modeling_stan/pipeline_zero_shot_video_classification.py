@@ -11,9 +11,9 @@ tensor, or a list of frames); a list of videos is a batch (`batch_size` groups t
 becomes `hypothesis_template.format(label)`; the scores are the softmax over labels of the model's scaled video-text
 similarity (Mug-STAN checkpoints use their mutual-guided alignment).
 
-A video that cannot be used (unreadable, missing, NaN or infinite frames, or scores that come out non-finite) raises
-its error when it is given alone. In a batch it does not cost the others their results: its place in the returned
-list holds `{"error": "<ErrorType>: <message>"}` instead of the label scores, and a warning is logged
+A video that cannot be used (unreadable, missing, NaN or infinite frames or pixel values, or scores that come out
+non-finite) raises its error when it is given alone. In a batch it does not cost the others their results: its place
+in the returned list holds `{"error": "<ErrorType>: <message>"}` instead of the label scores, and a warning is logged
 (`on_error="raise"` raises instead). `classifier([])` returns `[]`.
 
 Every saved STAN dual-encoder checkpoint carries this file as remote code and lists the task under
@@ -148,10 +148,16 @@ class ZeroShotVideoClassificationPipeline(Pipeline):
             num_frames=self.model.config.num_frames if num_frames is None else num_frames,
             return_tensors="pt",
         )
-        pixel_values = inputs["pixel_values"]
+        pixel_values = inputs["pixel_values"].to(self.dtype)
+        # The processor refuses NaN or infinite frames, but finite frames can still overflow: in its normalisation
+        # (e.g. float frames of a do_rescale=False processor) or in the cast to a float16 model. The model refuses
+        # such pixel values too, but for its whole batch: checked here, only this video is reported.
         if not torch.isfinite(pixel_values).all():
-            raise ValueError("the video's frames contain NaN or infinite values.")
-        return pixel_values.to(self.dtype)
+            raise ValueError(
+                f"the video's pixel values, once processed and cast to the model's {self.dtype}, are NaN or "
+                "infinite: its frame values are too large for the processor's scale and that dtype."
+            )
+        return pixel_values
 
     def _forward(self, model_inputs, candidate_labels=None, hypothesis_template=DEFAULT_HYPOTHESIS_TEMPLATE):
         if candidate_labels is None:

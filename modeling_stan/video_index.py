@@ -100,10 +100,20 @@ class EmbeddedVideo:
     video_embed: np.ndarray
     frame_embeds: np.ndarray | None = None
 
-    def is_finite(self) -> bool:
-        return bool(np.isfinite(self.video_embed).all()) and (
-            self.frame_embeds is None or bool(np.isfinite(self.frame_embeds).all())
-        )
+
+def finite_rows(embeds: np.ndarray, per_item_embeds: np.ndarray | None = None) -> np.ndarray:
+    """Whether each row of `embeds` (one video's or one text's `(embed_dim,)` embedding) is finite, and so is its
+    `(n, embed_dim)` row of `per_item_embeds` (a Mug-STAN video's frame embeddings, a text's token embeddings) when
+    given: a non-finite row would rank arbitrarily, so it is never stored or searched with."""
+    finite = np.isfinite(embeds).all(axis=1)
+    if per_item_embeds is not None:
+        finite &= np.isfinite(per_item_embeds).all(axis=(1, 2))
+    return finite
+
+
+def non_finite_embedding(what: str) -> str:
+    """The one wording of a non-finite embedding, reported for a video or refused for a query; `what` names it."""
+    return f"the model produced a non-finite embedding (NaN or inf) for {what}"
 
 
 @dataclass
@@ -252,9 +262,7 @@ class IndexStore:
             failed = self._failed()
             bank = [text for (text,) in self._connection.execute("SELECT text FROM query_bank ORDER BY position")]
         # A stored row is finite (non-finite embeddings are never stored): one that is not is damaged.
-        finite = np.isfinite(video_embeds).all(axis=1)
-        if frame_embeds is not None:
-            finite &= np.isfinite(frame_embeds).all(axis=(1, 2))
+        finite = finite_rows(video_embeds, frame_embeds)
         damaged += [videos[row].path for row in np.flatnonzero(~finite) if videos[row].path not in damaged]
         if damaged:
             raise VideoSearchError(
@@ -487,9 +495,7 @@ def import_safetensors_index(source: str | os.PathLike, destination: str | os.Pa
         raise VideoSearchError(
             f"{source} is damaged: {len(videos)} videos in its metadata but {len(video_embeds)} embedding rows."
         )
-    finite = np.isfinite(video_embeds).all(axis=1)
-    if frame_embeds is not None:
-        finite &= np.isfinite(frame_embeds).all(axis=(1, 2))
+    finite = finite_rows(video_embeds, frame_embeds)
     embedded = [
         EmbeddedVideo(video, video_embeds[row], None if frame_embeds is None else frame_embeds[row])
         for row, video in enumerate(videos) if finite[row]

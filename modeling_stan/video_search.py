@@ -40,7 +40,9 @@ from .video_index import (
     VideoFile,
     VideoIndex,
     VideoSearchError,
+    finite_rows,
     import_safetensors_index,
+    non_finite_embedding,
 )
 
 
@@ -50,7 +52,6 @@ VIDEO_EXTENSIONS = frozenset(
 # Failures a single unreadable video may raise while it is decoded and processed (decoders raise ValueError
 # subclasses, missing or unreadable files OSError); anything else is a bug and stops the run.
 _VIDEO_ERRORS = (OSError, ValueError, RuntimeError)
-NON_FINITE_EMBEDDING = "the model produced a non-finite embedding (NaN or inf) for this video"
 # The similarities DSL re-ranks (cosines, or Mug-STAN's weighted means of cosines) are >= -1: shifted by this they
 # are >= 0, so the dual softmax's weight can only damp a score, never turn a negative one into a win.
 _SIMILARITY_LOWER_BOUND = -1.0
@@ -204,28 +205,29 @@ def _embed_videos(store: IndexStore, model, processor, root, todo, batch_size, n
         for batch in loader:
             failed = [FailedVideo(video.path, video.size, video.mtime_ns, error) for video, _, error in batch if error]
             good = [(video, frames) for video, frames, error in batch if error is None]
-            rows = _embed_batch(model, good) if good else []
-            finite = [row for row in rows if row.is_finite()]
-            failed += [
-                FailedVideo(row.video.path, row.video.size, row.video.mtime_ns, NON_FINITE_EMBEDDING)
-                for row in rows if not row.is_finite()
-            ]
-            store.add_batch(finite, failed)
-            embedded += len(finite)
+            rows, non_finite = _embed_batch(model, good) if good else ([], [])
+            store.add_batch(rows, failed + non_finite)
+            embedded += len(rows)
             bar.update(len(batch))
     return embedded
 
 
 @torch.no_grad()
-def _embed_batch(model, good: list) -> list[EmbeddedVideo]:
-    """The embeddings of one batch of decoded videos, on the CPU."""
+def _embed_batch(model, good: list) -> tuple[list[EmbeddedVideo], list[FailedVideo]]:
+    """The embeddings of one batch of decoded videos, on the CPU, and the videos whose embedding is not finite."""
     pixel_values = torch.stack([frames for _, frames in good]).to(model.device, model.dtype)
     outputs = model.get_video_features(pixel_values)
-    pooled, frames = outputs.pooler_output.float().cpu().numpy(), outputs.frame_embeds.float().cpu().numpy()
-    keep_frames = model.config.alignment == "mug"
-    return [
-        EmbeddedVideo(video, pooled[row], frames[row] if keep_frames else None) for row, (video, _) in enumerate(good)
-    ]
+    pooled = outputs.pooler_output.float().cpu().numpy()
+    frames = outputs.frame_embeds.float().cpu().numpy() if model.config.alignment == "mug" else None
+    finite = finite_rows(pooled, frames)
+    rows, failed = [], []
+    for row, (video, _) in enumerate(good):
+        if finite[row]:
+            rows.append(EmbeddedVideo(video, pooled[row], None if frames is None else frames[row]))
+        else:
+            error = non_finite_embedding(f"the video {video.path}")
+            failed.append(FailedVideo(video.path, video.size, video.mtime_ns, error))
+    return rows, failed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,10 +255,6 @@ def search(
     if not index.videos:
         return []
     scores = _similarity(index, model, processor, [query, *bank])
-    if not torch.isfinite(scores).all():
-        raise VideoSearchError(
-            f"the model produced non-finite similarities for {query!r} (its text embedding is NaN or inf)."
-        )
     if dsl:
         scores = dsl_rerank(scores, dsl_lambda)
     values, rows = scores[0].topk(min(top_k, len(index.videos)))
@@ -288,16 +286,29 @@ def dsl_rerank(scores: torch.Tensor, lam: float = 100.0) -> torch.Tensor:
 
 def _similarity(index: VideoIndex, model, processor, texts: list[str]) -> torch.Tensor:
     """(texts, videos) unscaled scores under the model's alignment."""
-    inputs = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(model.device)
-    text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+    text, attention_mask = _encode_queries(model, processor, texts)
     frame_embeds = index.frame_embeds.to(model.device) if index.frame_embeds is not None else None
     return model.similarity(
         text.pooler_output,
         index.video_embeds.to(model.device),
         token_embeds=text.token_embeds,
-        text_attention_mask=inputs["attention_mask"],
+        text_attention_mask=attention_mask,
         frame_embeds=frame_embeds,
     ).float().cpu()
+
+
+def _encode_queries(model, processor, texts: list[str]):
+    """The model's text features of `texts` and their attention mask. A text whose embedding is not finite is refused
+    by name: every video's score for it would be NaN. The stored video embeddings are finite (`IndexStore.snapshot`
+    verifies them), so finite text embeddings give finite scores."""
+    inputs = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(model.device)
+    text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+    # Mug-STAN scores with the token embeddings too; mean alignment only with the pooled one.
+    token_embeds = text.token_embeds.float().cpu().numpy() if model.config.alignment == "mug" else None
+    finite = finite_rows(text.pooler_output.float().cpu().numpy(), token_embeds)
+    if not finite.all():
+        raise VideoSearchError(non_finite_embedding(f"the query {texts[np.flatnonzero(~finite)[0]]!r}"))
+    return text, inputs["attention_mask"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,11 +366,8 @@ def search_faiss(index_path: str | Path, model, processor, query: str, *, top_k:
                 f"{index_path}: the FAISS index is older than the videos indexed since; rebuild it with "
                 "`video_search faiss` (or search without --faiss)."
             )
-        inputs = processor.tokenizer([query], padding=True, truncation=True, return_tensors="pt").to(model.device)
-        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
-        text = torch.nn.functional.normalize(text.float(), dim=-1).cpu().numpy()
-        if not np.isfinite(text).all():
-            raise VideoSearchError(f"the model produced a non-finite text embedding for {query!r}.")
+        text, _ = _encode_queries(model, processor, [query])
+        text = torch.nn.functional.normalize(text.pooler_output.float(), dim=-1).cpu().numpy()
         scores, ids = searchable.search(text, min(top_k, len(row_ids)))
         found = [(score, row_id) for score, row_id in zip(scores[0].tolist(), ids[0].tolist()) if row_id >= 0]
         videos = store.videos_at([row_id for _, row_id in found])

@@ -1,6 +1,7 @@
 """What users' tools rely on beyond transformers' common tests: `return_dict=False`, `Trainer` with the usual
-`compute_metrics`, PEFT LoRA (`task_type="SEQ_CLS"`), input gradients under gradient checkpointing, switching the
-attention implementation after loading, and every saved checkpoint being a complete Hub repository."""
+`compute_metrics`, PEFT LoRA (`task_type="SEQ_CLS"`), input gradients under gradient checkpointing, CLIP's scaled
+initialisation of weights a checkpoint lacks, switching the attention implementation after loading, and every saved
+checkpoint being a complete Hub repository."""
 
 import json
 import logging
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from test_modeling_common_suite import StanModelTester
 from test_readme import single_thread, tiny_processor  # noqa: F401  (single_thread is a fixture)
-from transformers import Trainer, TrainingArguments
+from transformers import AutoModel, CLIPConfig, CLIPModel, Trainer, TrainingArguments
 
 from modeling_stan import StanForVideoClassification, StanForVideoTextRetrieval, StanModel, StanVisionModel
 
@@ -72,7 +74,7 @@ def test_return_dict_false_gives_tuples_everywhere(setting):
         _assert_same_tensors(as_dict, as_tuple)
 
 
-# ------------------------------------------------------------------------------------------------------ base model
+# ----------------------------------------------------------------------------------------------- base model, init
 
 
 @pytest.mark.parametrize("stan_depth", [0, 1])
@@ -82,6 +84,55 @@ def test_every_class_is_its_own_base_model(stan_depth):
         model = model_class(config)
         assert model.base_model is model
 
+
+def test_weights_missing_from_a_checkpoint_get_clips_initialisation(tmp_path):
+    # Wide towers, so that each weight's sample standard deviation is close to the intended one.
+    tester = _tester(hidden_size=128, intermediate_size=256, projection_dim=64)
+    config = tester.get_config()
+    StanModel(config).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    missing = ("text_model.encoder.layers.0.", "vision_model.encoder.layers.0.", "vision_model.stan.",
+               "visual_projection.", "text_projection.")
+    save_file({k: v for k, v in weights.items() if not k.startswith(missing)}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    torch.manual_seed(0)
+    in_process = StanModel.from_pretrained(tmp_path).state_dict()
+    torch.manual_seed(0)
+    remote_code = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).state_dict()
+    # transformers' own CLIP initialisation of the same towers is the reference.
+    clip = CLIPModel(CLIPConfig(text_config=config.text_config.to_dict(), vision_config=config.vision_config.to_dict(),
+                                projection_dim=config.projection_dim)).state_dict()
+    # Every Linear weight the checkpoint lacks, but the zero-initialised temporal modules' (STAN's own rule); a STAN
+    # spatial layer is a CLIP vision layer.
+    checked = [key for key in in_process if key.startswith(missing) and key.endswith("weight")
+               and "temporal" not in key and "time_embedding" not in key and in_process[key].ndim == 2]
+    assert len(checked) == 3 * 6 + 2
+    for key in checked:
+        expected = clip[key.replace("stan.layers.0.spatial.", "encoder.layers.0.")].std().item()
+        assert in_process[key].std().item() == pytest.approx(expected, rel=0.1), key
+    # STAN's own rules: the temporal module starts as the identity, the time embedding as torch's N(0, 1).
+    assert not in_process["vision_model.stan.layers.0.temporal.temporal_fc.weight"].any()
+    assert in_process["vision_model.stan.time_embedding.weight"].std().item() == pytest.approx(1.0, rel=0.1)
+    # The same initialisation whether the model's code is imported or loaded from the checkpoint.
+    for key, value in in_process.items():
+        torch.testing.assert_close(remote_code[key], value, rtol=0, atol=0, msg=key)
+    # Weights the checkpoint has are loaded, not initialised.
+    key = "vision_model.encoder.layers.1.self_attn.q_proj.weight"
+    torch.testing.assert_close(in_process[key], weights[key], rtol=0, atol=0)
+
+
+def test_a_linear_classifier_missing_from_a_checkpoint_starts_as_video_classifiers_do(tmp_path):
+    # A dual encoder's folder loaded as a classifier: the head is new. As the heads of transformers' video
+    # classifiers (VideoMAE, ViViT), it starts at N(0, initializer_range); the projection keeps CLIP's scale.
+    tester = _tester(hidden_size=128, intermediate_size=256, projection_dim=64)
+    config = tester.get_config()
+    config.initializer_factor = 3.0  # tells the two rules apart
+    StanModel(config).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = StanForVideoClassification.from_pretrained(tmp_path, classifier_type="linear", num_labels=400)
+    assert model.classifier.weight.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+    assert not model.classifier.bias.any()
+    assert not hasattr(model, "text_model")  # as CLIPForImageClassification: no text tower, no attribute
 
 # ---------------------------------------------------------------------------------------------- attention switch
 

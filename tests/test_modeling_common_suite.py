@@ -243,9 +243,7 @@ class StanForVideoClassificationTest(ModelTesterMixin, unittest.TestCase):
     all_model_classes = (StanForVideoClassification,)
     test_resize_embeddings = False
     test_attention_outputs = False
-    # Unlike CLIPForImageClassification's, the tested (linear) head keeps no text tower: `text_model` is None, and the
-    # model is the video tower alone.
-    _is_composite = False
+    _is_composite = True
 
     def setUp(self):
         self.model_tester = StanVisionModelTester(self)

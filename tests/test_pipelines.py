@@ -218,6 +218,26 @@ def test_nan_frames_never_give_nan_scores(zero_shot, video_path):
     assert all(np.isfinite(scores)) and sum(scores) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_finite_frames_that_overflow_once_processed_are_reported_alone(retrieval, tiny_clip_dir):
+    # The processor takes finite frames, but in a float16 model's dtype these overflow; the model's own check
+    # would fail the whole batch.
+    model, _ = retrieval
+    processor = tiny_processor(tiny_clip_dir)
+    processor.video_processor.do_rescale = False  # frames already scaled: values are taken as given
+    classifier = ZeroShotVideoClassificationPipeline(model=copy.deepcopy(model).half(), processor=processor, task=TASK)
+    frames = np.random.default_rng(0).random((NUM_FRAMES, 32, 32, 3), dtype=np.float32)
+    too_large = frames.copy()
+    too_large[0, 0, 0, 0] = 1e5  # float16 ends at 65504
+    message = r"pixel values, once processed and cast to the model's torch.float16, are NaN or infinite"
+    with pytest.raises(ValueError, match=message):
+        classifier(too_large, candidate_labels=LABELS)
+    results = classifier([frames, too_large, frames], candidate_labels=LABELS, batch_size=3)
+    assert list(results[1]) == ["error"] and results[1]["error"].startswith("ValueError: the video's pixel values")
+    for scored in (results[0], results[2]):
+        scores = [prediction["score"] for prediction in scored]
+        assert all(np.isfinite(scores)) and sum(scores) == pytest.approx(1.0, abs=1e-3)
+
+
 def test_a_model_with_non_finite_outputs_reports_instead_of_scoring_nan(retrieval, video_path):
     model, processor = retrieval
     broken = copy.deepcopy(model)

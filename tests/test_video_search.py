@@ -423,10 +423,35 @@ def test_a_non_finite_embedding_is_reported_never_stored(searcher, trained_dir, 
     monkeypatch.setattr(model, "get_video_features", nan_for_the_second_video)
     report = _build(tmp_path / "index.sqlite", searcher, trained_dir, videos)
     assert (report.embedded, report.total) == (2, 2)
-    assert [(f.path, f.error) for f in report.failed] == [("video1.mp4", video_search.NON_FINITE_EMBEDDING)]
+    assert [(f.path, f.error) for f in report.failed] == [
+        ("video1.mp4", "the model produced a non-finite embedding (NaN or inf) for the video video1.mp4")
+    ]
     monkeypatch.setattr(model, "get_video_features", real)
     hits = search(VideoIndex.load(tmp_path / "index.sqlite"), *searcher, "a red square", top_k=5)
     assert [hit.path.name for hit in hits if hit.path.name == "video1.mp4"] == []
+
+
+def _nan_for_the_last_text(model, monkeypatch):
+    real = model.get_text_features
+
+    def nan_for_the_last_text(input_ids, attention_mask=None, **kwargs):
+        outputs = real(input_ids, attention_mask, **kwargs)
+        outputs.pooler_output[-1] = float("nan")
+        return outputs
+
+    monkeypatch.setattr(model, "get_text_features", nan_for_the_last_text)
+
+
+def test_a_non_finite_query_embedding_is_refused_by_name(searcher, trained_dir, dataset, tmp_path, monkeypatch):
+    videos = _folder_of(dataset, tmp_path, ["video0.mp4", "video1.mp4"])
+    _build(tmp_path / "index.sqlite", searcher, trained_dir, videos, queries=["a blue circle"])
+    index = VideoIndex.load(tmp_path / "index.sqlite")
+    _nan_for_the_last_text(searcher[0], monkeypatch)
+    with pytest.raises(VideoSearchError, match=r"non-finite embedding \(NaN or inf\) for the query 'a red square'$"):
+        search(index, *searcher, "a red square")
+    # With DSL the bank's sentences are encoded after the query: the one that came out NaN is named.
+    with pytest.raises(VideoSearchError, match=r"non-finite embedding \(NaN or inf\) for the query 'a blue circle'$"):
+        search(index, *searcher, "a red square", dsl=True)
 
 
 def _write_safetensors_index(path, root, model, embeds, names, query_bank):
@@ -461,7 +486,7 @@ def test_the_importer_converts_a_safetensors_index_once(searcher, trained_dir, t
 
 
 def test_faiss_search_finds_what_brute_force_finds_and_refuses_a_stale_index(
-    searcher, trained_dir, dataset, tmp_path, capsys
+    searcher, trained_dir, dataset, tmp_path, capsys, monkeypatch
 ):
     pytest.importorskip("faiss")
     videos = _folder_of(dataset, tmp_path, [f"video{i}.mp4" for i in range(8)])
@@ -480,6 +505,10 @@ def test_faiss_search_finds_what_brute_force_finds_and_refuses_a_stale_index(
     main(["query", "--model", str(trained_dir), "--index", str(path), query, "--faiss", "--top_k", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[-1] for line in lines] == [str(hit.path) for hit in brute[:2]]
+    with monkeypatch.context() as patch:
+        _nan_for_the_last_text(searcher[0], patch)
+        with pytest.raises(VideoSearchError, match=r"non-finite embedding \(NaN or inf\) for the query 'a red"):
+            video_search.search_faiss(path, *searcher, query)
 
     _folder_of(dataset, tmp_path, ["video8.mp4"])
     _build(path, searcher, trained_dir, videos)

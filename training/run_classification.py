@@ -315,7 +315,7 @@ class ClassificationScript(TrainingScript):
         return {**task_args.model_config_fields(), "class_names": named_by.features["label"].names}
 
     def prepare_model(self, model, task_args: ClassificationArguments, processor) -> None:
-        if model.text_model is not None:
+        if model.has_text_tower:
             # A head loaded from a STAN checkpoint of another task (a dual encoder) has no class prompts yet.
             model.set_class_names(model.class_names(), processor.tokenizer)
         elif model.config.classifier_type != "linear" and _loaded_from_dual_encoder(model):

@@ -116,7 +116,8 @@ class TrainingArguments:
         default=False, metadata={"help": "Delete the checkpoints of an earlier run in OUTPUT_DIR and start afresh."}
     )
     resume_from_checkpoint: str = field(default="auto", metadata={"help": RESUME_HELP})
-    seed: int = field(default=42, metadata={"help": "Seed of the weights, the data order and the augmentations."})
+    seed: int = field(default=42, metadata={"help": "Seed of the new weights, the synthetic data, the data order and the "
+                                                        "augmentations (not of the demo's tiny CLIP, a fixed draw)."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Training videos per process per step."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation videos per process per batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
