@@ -806,6 +806,7 @@ class SkipCorruptCollator:
         collate_fn: collates the good samples (without their `decode_error`); defaults to torch's `default_collate`.
         counter: where skipped samples are counted; a new `CorruptSampleCounter` if not given.
         video_column: the column named in the warning of each skipped sample.
+        max_warnings: list at most this many skipped samples per process (None: all); the count has them all.
     """
 
     def __init__(
@@ -813,20 +814,37 @@ class SkipCorruptCollator:
         collate_fn: Callable[[list[dict]], Any] | None = None,
         counter: CorruptSampleCounter | None = None,
         video_column: str = "video",
+        max_warnings: int | None = None,
     ):
         self.collate_fn = collate_fn or torch.utils.data.default_collate
         self.counter = counter or CorruptSampleCounter()
         self.video_column = video_column
+        self.max_warnings = max_warnings
+        self._warned = 0
 
     def __call__(self, samples: list[dict]) -> Any:
+        batch, num_corrupt = self.collate_usable(samples)
+        if num_corrupt:
+            self.counter.add(num_corrupt)
+        return batch
+
+    def collate_usable(self, samples: list[dict]) -> tuple[Any, int]:
+        """The collated good samples (None if there are none) and the number of corrupt ones, each logged."""
         good = []
         for sample in samples:
             if sample.get("decode_error") is None:
                 good.append({key: value for key, value in sample.items() if key != "decode_error"})
             else:
-                logger.warning("Skipping corrupt video %s: %s", sample.get(self.video_column), sample["decode_error"])
-                self.counter.add()
-        return self.collate_fn(good) if good else None
+                self._warn(sample)
+        return (self.collate_fn(good) if good else None), len(samples) - len(good)
+
+    def _warn(self, sample: dict) -> None:
+        if self.max_warnings is not None and self._warned >= self.max_warnings:
+            return
+        self._warned += 1
+        last = self._warned == self.max_warnings
+        logger.warning("Skipping corrupt video %s: %s%s", sample.get(self.video_column), sample["decode_error"],
+                       " (further ones are counted, not listed)" if last else "")
 
 
 __all__ = [

@@ -27,7 +27,6 @@ import pretraining_data  # noqa: E402
 import run_classification  # noqa: E402
 import run_pretraining  # noqa: E402
 import run_retrieval  # noqa: E402
-import stan_training  # noqa: E402
 
 
 SIZES = {"train": 16, "validation": 8, "test": 8}
@@ -229,5 +228,9 @@ def test_classification_fine_tunes_from_a_post_pretrained_checkpoint(tmp_path, t
 def test_options_of_the_command_line_and_its_config_file_count_as_given(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text("stan_depth: 2\nalignment: mug\n")
-    given = stan_training.explicit_options(["--config", str(config), "--do-train", "false", "--seed=3"])
+    command_line = run_pretraining.PretrainingScript.command_line
+    (model, _, task, training), given = command_line.parse_with_given(
+        ["--config", str(config), "--do-train", "false", "--seed=3"])
     assert given == {"config", "stan_depth", "alignment", "do_train", "seed"}
+    # The config file read once still sets its options, under the flags.
+    assert (model.stan_depth, task.alignment, training.do_train, training.seed) == (2, "mug", False, 3)

@@ -16,6 +16,7 @@ from video_augmentation import (  # noqa: E402
     cutmix,
     grayscale,
     multi_scale_crop,
+    on_chosen_clips,
     soft_targets,
 )
 
@@ -74,3 +75,34 @@ def test_clip_augmentations_keep_shape_and_normalisation():
         assert out.shape == pixels.shape and out.min() >= -2 - 1e-6 and out.max() <= 2 + 1e-6
     with pytest.raises(ValueError, match="--flip is a probability"):
         AugmentationArguments(flip=1.5)
+
+
+def test_a_clip_transform_sees_and_draws_for_the_chosen_clips_only():
+    clips = torch.rand(16, 2, 3, 4, 4)
+    seen = []
+
+    def jitter(chosen):
+        seen.append(len(chosen))
+        return color_jitter(chosen.flatten(0, 1)).view_as(chosen)
+
+    torch.manual_seed(0)
+    out = on_chosen_clips(clips, 0.5, jitter)
+    torch.manual_seed(0)
+    chosen = torch.rand(16) < 0.5
+    assert seen == [int(chosen.sum())] and 0 < seen[0] < 16
+    assert torch.equal(out[~chosen], clips[~chosen])  # unchosen clips untouched
+    assert not torch.allclose(out[chosen], clips[chosen])
+    torch.manual_seed(0)
+    assert torch.equal(on_chosen_clips(clips, 0.5, jitter), out)  # seeded: the same clips, the same factors
+    assert on_chosen_clips(clips, 0.0, jitter) is clips and seen == [seen[0]] * 2  # none chosen: no work
+
+
+def test_clip_augmentations_are_seeded():
+    args = AugmentationArguments(multi_scale_crop=[1.0, 0.875], flip=0.5, color_jitter=0.8, grayscale=0.2)
+    augmentation = VideoAugmentation(args, [0.5] * 3, [0.25] * 3)
+    pixels = (torch.rand(6, 2, 3, 8, 8) - 0.5) / 0.25
+    torch.manual_seed(1)
+    first = augmentation.clips(pixels)
+    torch.manual_seed(1)
+    assert torch.equal(augmentation.clips(pixels), first)
+    assert not torch.equal(augmentation.clips(pixels), first)  # the stream moves on

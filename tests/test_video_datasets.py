@@ -329,6 +329,16 @@ def test_collator_skips_and_counts_corrupt_samples(synthetic_root, tmp_path, cap
     assert collator.counter.count == 6
 
 
+def test_collator_lists_at_most_max_warnings_and_counts_all(synthetic_root, tmp_path, caplog):
+    dataset = _with_corrupt_videos(synthetic_root, tmp_path).with_transform(make_decode_transform(num_frames=2))
+    collator = SkipCorruptCollator(max_warnings=2)
+    with caplog.at_level(logging.WARNING):
+        batch, num_corrupt = collator.collate_usable(list(dataset))
+    assert (len(batch["frames"]), num_corrupt) == (2, 3)
+    assert caplog.text.count("Skipping corrupt video") == 2
+    assert caplog.text.count("further ones are counted, not listed") == 1
+
+
 def test_counter_adds_up_across_dataloader_workers(synthetic_root, tmp_path):
     dataset = _with_corrupt_videos(synthetic_root, tmp_path).with_transform(make_decode_transform(num_frames=2))
     counter = CorruptSampleCounter()

@@ -287,8 +287,9 @@ class ClassificationScript(TrainingScript):
         # The synthetic dataset ships a class-per-folder copy: folders/{train,validation,test}/<direction>/.
         data_args.dataset, data_args.video_dir = "folder", str(root / "folders")
 
-    def load_splits(self, data_args: DataArguments, task_args: ClassificationArguments, seed: int) -> dict:
-        if not self.do_train:
+    def load_splits(self, data_args: DataArguments, task_args: ClassificationArguments,
+                    training_args: TrainingArguments) -> dict:
+        if not training_args.do_train:
             # Evaluation only (e.g. zero-shot from a dual encoder): the test split, whose classes the head takes.
             test = load_split(data_args, task_args, "test")
             if test is None or len(test) == 0:
@@ -300,9 +301,9 @@ class ClassificationScript(TrainingScript):
         splits = {"train": train, **{split: load_split(data_args, task_args, split, class_names)
                                      for split in ("validation", "test")}}
         if splits["validation"] is None:
-            splits["train"], splits["validation"] = hold_out(train, data_args, seed)
+            splits["train"], splits["validation"] = hold_out(train, data_args, training_args.seed)
         if task_args.num_shots is not None:
-            splits["train"] = few_shot_subset(splits["train"], task_args.num_shots, seed)
+            splits["train"] = few_shot_subset(splits["train"], task_args.num_shots, training_args.seed)
         for split in ("validation", "test"):
             if splits[split] is None or len(splits[split]) == 0 or min(splits[split]["label"]) < 0:
                 raise ValueError(f"The {split} split needs labelled videos (--{split}_file, or --video_dir/{split} "

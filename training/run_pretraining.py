@@ -112,7 +112,8 @@ class PretrainingScript(RetrievalScript):
         description=__doc__,
     )
 
-    def load_splits(self, data_args: DataArguments, task_args: PretrainingArguments, seed: int) -> dict:
+    def load_splits(self, data_args: DataArguments, task_args: PretrainingArguments,
+                    training_args: TrainingArguments) -> dict:
         """The zero-shot validation and test rows (the training data are the shards)."""
         splits = {split: load_split(data_args, task_args, split) for split in ("validation", "test")}
         for split, rows in splits.items():

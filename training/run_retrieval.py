@@ -296,9 +296,10 @@ class RetrievalScript(TrainingScript):
         data_args.dataset, data_args.video_dir = "msrvtt", str(root / "videos")
         data_args.annotation_file = str(root / "msrvtt" / "MSRVTT_data.json")
 
-    def load_splits(self, data_args: DataArguments, task_args: RetrievalArguments, seed: int) -> dict:
+    def load_splits(self, data_args: DataArguments, task_args: RetrievalArguments,
+                    training_args: TrainingArguments) -> dict:
         splits = {split: load_split(data_args, task_args, split) for split in ("train", "validation", "test")}
-        if not self.do_train:
+        if not training_args.do_train:
             # Evaluation only: the test split, and validation and train (the QB-Norm querybank) if given.
             if splits["test"] is None:
                 raise ValueError("--do_train false evaluates the test split: pass --test_file or --annotation_file.")
@@ -306,7 +307,7 @@ class RetrievalScript(TrainingScript):
         if splits["train"] is None:
             raise ValueError("No training annotations: pass --train_file or --annotation_file.")
         if splits["validation"] is None:
-            splits["train"], splits["validation"] = hold_out_videos(splits["train"], data_args, seed)
+            splits["train"], splits["validation"] = hold_out_videos(splits["train"], data_args, training_args.seed)
         if splits["test"] is None:
             raise ValueError("No test annotations: pass --test_file or --annotation_file.")
         return splits

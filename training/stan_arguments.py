@@ -210,6 +210,11 @@ class ScriptCommandLine:
 
     def parse(self, argv: Sequence[str] | None = None) -> tuple:
         """The parsed dataclasses; `--help` and any bad flag or config file exit here with a message (status 2)."""
+        return self.parse_with_given(argv)[0]
+
+    def parse_with_given(self, argv: Sequence[str] | None = None) -> tuple[tuple, set[str]]:
+        """The parsed dataclasses, and the names of the options the user set, on the command line or in its
+        `--config` file (not the defaults: options left at them yield to a checkpoint's values)."""
         argv = list(sys.argv[1:] if argv is None else argv)
         config_parser = argparse.ArgumentParser(add_help=False)
         config_parser.add_argument("--config")
@@ -225,9 +230,12 @@ class ScriptCommandLine:
         if known.model_name_or_path is not None:
             remaining += ["--model_name_or_path", known.model_name_or_path]
         try:
-            return parser.parse_args_into_dataclasses(args=remaining)
+            arguments = parser.parse_args_into_dataclasses(args=remaining)
         except ValueError as error:  # a dataclass's own check (__post_init__)
             parser.error(str(error))
+        # HfArgumentParser also accepts --do-train for --do_train.
+        flags = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+        return arguments, flags | set(config)
 
     def settings_line(self, arguments: tuple) -> str:
         """One line naming the set of defaults the run uses and the values it uses for that set's options."""
@@ -282,17 +290,6 @@ def _show(value) -> str:
     if isinstance(value, list) and not value:
         return "none"  # an empty list option, e.g. no --multi_scale_crop scales
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def explicit_options(argv: Sequence[str] | None = None) -> set[str]:
-    """Names of the options the user set, on the command line or in its `--config` file (not the defaults)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # HfArgumentParser also accepts --do-train for --do_train.
-    names = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("--config")
-    config = config_parser.parse_known_args(argv)[0].config
-    return names | set(_read_config_file(config)) if config else names
 
 
 def _read_config_file(path: str) -> dict:

@@ -50,7 +50,6 @@ from stan_arguments import (
     ScriptCommandLine,
     TrainingArguments,
     arguments_dict,
-    explicit_options,
 )
 from stan_checkpointing import CheckpointManager, RerunError, Resumption, choose_checkpoint
 
@@ -624,30 +623,20 @@ class _Window:
         return self.backward_passes > 0 and not self.unsynchronised
 
 
-class TrainingCollator:
+class TrainingCollator(SkipCorruptCollator):
     """Training `collate_fn`: collates the decodable samples of a micro-batch and reports how many were not.
 
     Returns `{"batch": collated or None, "num_samples": n, "num_corrupt": k}`. The counts travel with the batch, so
     the loop counts them when it consumes the batch, not when a loader or a worker prefetches it (which would count
-    batches a resumed run consumes again).
+    batches a resumed run consumes again): the inherited shared `counter` is left unused.
     """
 
-    max_warnings = 10  # per worker process; the epoch summary gives the totals
-
     def __init__(self, collate_fn: Callable[[list[dict]], dict]):
-        self.collate_fn = collate_fn
-        self._warned = 0
+        super().__init__(collate_fn, max_warnings=10)  # per worker process; the epoch summary gives the totals
 
     def __call__(self, samples: list[dict]) -> dict:
-        good = [{key: value for key, value in sample.items() if key != "decode_error"} for sample in samples
-                if sample.get("decode_error") is None]
-        for sample in samples:
-            if sample.get("decode_error") is not None and self._warned < self.max_warnings:
-                self._warned += 1
-                logger.warning(f"Skipping corrupt training video {sample.get('video')}: {sample['decode_error']}"
-                               + (" (further ones are counted, not listed)" if self._warned == self.max_warnings else ""))
-        return {"batch": self.collate_fn(good) if good else None, "num_samples": len(samples),
-                "num_corrupt": len(samples) - len(good)}
+        batch, num_corrupt = self.collate_usable(samples)
+        return {"batch": batch, "num_samples": len(samples), "num_corrupt": num_corrupt}
 
 
 class TrainingLoop:
@@ -937,14 +926,14 @@ class TrainingScript:
     card_task: str  # the model card's task
     summary_metrics: tuple[str, ...]  # the test metrics of the end-of-run summary
     next_command: str  # what to run on the trained model; "{output_dir}" is filled in
-    do_train: bool = True  # --do_train, set by `main` (False: the splits of an evaluation only)
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
         """Points `data_args` at the synthetic dataset generated in `root`."""
         raise NotImplementedError
 
-    def load_splits(self, data_args: DataArguments, task_args, seed: int) -> dict[str, datasets.Dataset]:
-        """The train, validation and test rows."""
+    def load_splits(self, data_args: DataArguments, task_args,
+                    training_args: TrainingArguments) -> dict[str, datasets.Dataset]:
+        """The train, validation and test rows (with `--do_train false`, those of an evaluation only)."""
         raise NotImplementedError
 
     def model_config_fields(self, task_args, splits: dict) -> dict:
@@ -968,7 +957,7 @@ class TrainingScript:
     def main(self, argv: Sequence[str] | None = None) -> dict:
         """Runs the script; returns the metrics also written to OUTPUT_DIR/all_results.json."""
         started = time.time()
-        arguments = self.command_line.parse(argv)
+        arguments, given = self.command_line.parse_with_given(argv)
         model_args, data_args, task_args, training_args = arguments
         accelerator = setup_run(training_args)
         logger.info(self.command_line.settings_line(arguments), main_process_only=True)
@@ -977,11 +966,10 @@ class TrainingScript:
             checkpoints, resumption = checkpoints_and_resumption(accelerator, training_args,
                                                                  run_defining_arguments(*arguments))
         model_path = model_source(accelerator, model_args, output_dir)
-        self.do_train = training_args.do_train
         dataset_name, splits = self._splits(accelerator, data_args, task_args, training_args)
         options = {name for kind in self.command_line.argument_types for name in kind.__dataclass_fields__}
         model = load_stan_model(self.model_class, model_path, model_args, training_args.seed,
-                                given=explicit_options(argv), options=options, num_frames=data_args.num_frames,
+                                given=given, options=options, num_frames=data_args.num_frames,
                                 **self.model_config_fields(task_args, splits))
         processor = make_processor(model, model_path, data_args.num_frames)
         self.prepare_model(model, task_args, processor)
@@ -1061,7 +1049,7 @@ class TrainingScript:
             self.use_synthetic_dataset(data_args, synthetic_root)
         self._check_dataset(data_args)
         with accelerator.main_process_first():
-            return dataset_name, _limit_rows(self.load_splits(data_args, task_args, training_args.seed), data_args)
+            return dataset_name, _limit_rows(self.load_splits(data_args, task_args, training_args), data_args)
 
     def _training_loop(self, accelerator: Accelerator, model: nn.Module, processor, splits: dict,
                        data_args: DataArguments, task_args, training_args: TrainingArguments,

@@ -6,7 +6,9 @@ They follow the authors' pipeline (muzairkhattak/ViFi-CLIP `datasets/build.py`, 
 the batch with label-smoothed soft targets. Ours differ in two documented ways: they run on the processor's
 output (after its crop and resize: the multi-scale crop re-crops the 224 px clip and resizes back), and the four
 colour-jitter factors are applied in a fixed order (brightness, contrast, saturation, hue) where torchvision draws
-one. Randomness comes from torch's global generator, which the training checkpoints save and restore.
+one. Randomness comes from torch's global generator, which the training checkpoints save and restore: per step,
+the crops, then for flip, colour jitter and greyscale in turn one draw per clip choosing the clips, then the
+jitter factors of the chosen clips' frames only, so unchosen clips cost no work.
 """
 
 import torch
@@ -34,10 +36,9 @@ class VideoAugmentation:
         clips = (pixel_values * std + mean).clamp(0, 1)
         if args.multi_scale_crop:
             clips = torch.stack([multi_scale_crop(clip, args.multi_scale_crop) for clip in clips])
-        clips = torch.where(_chosen(len(clips), args.flip, clips), clips.flip(-1), clips)
-        jittered = torch.stack([color_jitter(clip) for clip in clips]) if args.color_jitter else clips
-        clips = torch.where(_chosen(len(clips), args.color_jitter, clips), jittered, clips)
-        clips = torch.where(_chosen(len(clips), args.grayscale, clips), grayscale(clips), clips)
+        clips = on_chosen_clips(clips, args.flip, lambda chosen: chosen.flip(-1))
+        clips = on_chosen_clips(clips, args.color_jitter, _jitter_clips)
+        clips = on_chosen_clips(clips, args.grayscale, grayscale)
         return (clips - mean) / std
 
     def blend(self, pixel_values: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +62,14 @@ def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> to
                                                                                      1 - smoothing + off)
 
 
-def _chosen(count: int, probability: float, like: torch.Tensor) -> torch.Tensor:
-    return (torch.rand(count) < probability).to(like.device).view(-1, 1, 1, 1, 1)
+def on_chosen_clips(clips: torch.Tensor, probability: float, transform) -> torch.Tensor:
+    """`clips` with `transform` applied to the clips drawn with `probability` (one draw per clip, made even at
+    probability 0); `transform` sees, and draws its own randomness for, only the chosen clips."""
+    chosen = (torch.rand(len(clips)) < probability).nonzero().flatten()  # decided on the CPU: no device sync
+    if len(chosen) == 0:
+        return clips
+    chosen = chosen.to(clips.device)
+    return clips.index_copy(0, chosen, transform(clips[chosen]))
 
 
 def multi_scale_crop(clip: torch.Tensor, scales: list[float]) -> torch.Tensor:
@@ -76,6 +83,11 @@ def multi_scale_crop(clip: torch.Tensor, scales: list[float]) -> torch.Tensor:
     left = int(torch.randint(width - crop_w + 1, ()))
     crop = clip[..., top : top + crop_h, left : left + crop_w]
     return F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def _jitter_clips(clips: torch.Tensor) -> torch.Tensor:
+    # Every frame has its own factors and statistics, so the clips' frames are jittered as one batch of images.
+    return color_jitter(clips.flatten(0, 1)).view_as(clips)
 
 
 def grayscale(clips: torch.Tensor) -> torch.Tensor:
