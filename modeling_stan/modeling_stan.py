@@ -752,8 +752,8 @@ class StanForVideoClassification(StanPreTrainedModel):
         if self.has_text_tower:
             self.text_model = CLIPTextModel._from_config(config.text_config)
             self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
-            self.text_prompts = None if not config.text_prompt_depth else TextPrompts(
-                config.text_prompt_depth, config.text_prompt_length, config.text_config.hidden_size)
+            self.text_prompts = TextPrompts(config.text_prompt_depth, config.text_prompt_length,
+                                            config.text_config.hidden_size) if config.text_prompt_depth else None
             # The tokenized class prompts, padded to every text position as ViFi-CLIP does, so that their shape
             # follows from the config (with or without prompts) and they are saved with the weights.
             shape = (config.num_labels, config.text_config.max_position_embeddings)
