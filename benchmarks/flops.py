@@ -147,22 +147,30 @@ def text_tower_gmacs() -> float:
 
 def format_results(results: list[FlopsResult], views: int) -> str:
     headers = [
-        "model", "K", "frames", "GFLOPs / view (measured)", f"x {views} views", "paper", "diff vs paper",
+        "model",
+        "K",
+        "frames",
+        "GFLOPs / view (measured)",
+        f"x {views} views",
+        "paper",
+        "diff vs paper",
         "incl. attention matmuls / view",
     ]
     rows = []
     for result in results:
         case, error = result.case, result.relative_error(views)
-        rows.append([
-            case.name,
-            case.stan_depth,
-            case.num_frames,
-            f"{result.gmacs_per_view:.2f}",
-            f"{result.gmacs_per_view * views:.1f}",
-            "-" if case.paper_gflops is None else f"{case.paper_gflops}",
-            "-" if error is None else f"{error:+.2%}",
-            f"{result.all_matmul_gmacs_per_view:.2f}",
-        ])
+        rows.append(
+            [
+                case.name,
+                case.stan_depth,
+                case.num_frames,
+                f"{result.gmacs_per_view:.2f}",
+                f"{result.gmacs_per_view * views:.1f}",
+                "-" if case.paper_gflops is None else f"{case.paper_gflops}",
+                "-" if error is None else f"{error:+.2%}",
+                f"{result.all_matmul_gmacs_per_view:.2f}",
+            ]
+        )
     return markdown_table(headers, rows)
 
 
@@ -207,6 +215,7 @@ def unreproduced_conv_note(results: list[FlopsResult]) -> str:
         f"{PAPER_K400_CONV_GFLOPS} GFLOPs; the authors' module gives {versus_paper(below)} and {versus_paper(above)} "
         f"({conv[above] - conv[below]:.1f} per layer), so no number of layers matches it."
     )
+
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from benchmarks._common import GIB, machine_summary, current_rss_bytes, measure_in_child, random_video_text_features
+from benchmarks._common import GIB, current_rss_bytes, machine_summary, measure_in_child, random_video_text_features
 from modeling_stan.mug_alignment import mug_similarity
 
 
@@ -51,8 +51,10 @@ def main():
     print(f"  {machine_summary(torch.device('cpu'))}")
     print(f"  wall time           {result['seconds']:.1f} s")
     print(f"  RSS with inputs     {result['rss_with_inputs_bytes'] / GIB:.2f} GiB")
-    print(f"  peak RSS            {peak / GIB:.2f} GiB  (acceptance < {ACCEPTANCE_BYTES / GIB:.0f} GiB: "
-          f"{'PASS' if peak < ACCEPTANCE_BYTES else 'FAIL'})")
+    print(
+        f"  peak RSS            {peak / GIB:.2f} GiB  (acceptance < {ACCEPTANCE_BYTES / GIB:.0f} GiB: "
+        f"{'PASS' if peak < ACCEPTANCE_BYTES else 'FAIL'})"
+    )
     print(f"  all scores finite   {result['finite']}")
 
 

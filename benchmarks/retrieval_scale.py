@@ -17,7 +17,7 @@ import time
 import torch
 
 from benchmarks._common import GIB, machine_summary, measure_in_child, random_video_text_features
-from modeling_stan.metrics import dual_softmax, text_to_video_and_video_to_text
+from modeling_stan.evaluation.metrics import dual_softmax, text_to_video_and_video_to_text
 from modeling_stan.mug_alignment import mug_similarity
 
 
@@ -72,8 +72,11 @@ def main():
             verdict = ""
             if method == "mug":
                 verdict = "  < 4 GiB: " + ("PASS" if result["peak_rss_bytes"] < MUG_ACCEPTANCE_BYTES else "FAIL")
-            print(f"{size:>6}  {method:<7} {result['similarity_seconds']:>9.2f} {result['metrics_seconds']:>17.2f} "
-                  f"{peak:>13.2f}{verdict}", flush=True)
+            print(
+                f"{size:>6}  {method:<7} {result['similarity_seconds']:>9.2f} {result['metrics_seconds']:>17.2f} "
+                f"{peak:>13.2f}{verdict}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from modeling_stan import StanForVideoClassification
-from modeling_stan.synthetic_videos import COLOURS, render_clip
+from modeling_stan.demo.synthetic_videos import COLOURS, render_clip
 
 from ._common import Backbone, build_random_model, markdown_table, torch_threads
 
@@ -34,7 +34,12 @@ from ._common import Backbone, build_random_model, markdown_table, torch_threads
 # sits at ln 2 until it grows: 150-500 steps here (seed-dependent), several times more with deeper towers or finer
 # patches.
 TINY_BACKBONE = Backbone(
-    "tiny ViT", hidden_size=32, intermediate_size=64, num_attention_heads=4, patch_size=16, num_hidden_layers=1,
+    "tiny ViT",
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    patch_size=16,
+    num_hidden_layers=1,
     image_size=32,
 )
 MODELS = {
@@ -127,7 +132,9 @@ def parse_args(argv):
     parser.add_argument("--test_pairs", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="intra-op CPU threads; the tiny model's ops are too small to gain from more, and spare cores keep "
         "timings steady when the machine is shared",
     )
@@ -164,9 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
         f"{2 * args.train_pairs} training clips, {2 * args.test_pairs} held-out clips (each with its reverse); "
         "chance = 50%.\n"
     )
-    rows = [
-        [r.name, f"{r.accuracy:.1%}", f"{r.final_loss:.3f}", f"{r.train_seconds:.1f}"] for r in results.values()
-    ]
+    rows = [[r.name, f"{r.accuracy:.1%}", f"{r.final_loss:.3f}", f"{r.train_seconds:.1f}"] for r in results.values()]
     print(markdown_table(["model", "held-out accuracy", "train loss (last 10 steps)", "train time (s)"], rows))
     print(f"\nwhole run: {time.perf_counter() - start:.1f} s")
     return results

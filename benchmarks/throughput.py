@@ -113,23 +113,32 @@ def measure_backbone(backbone: Backbone, args, device: torch.device, dtype: torc
 def format_measurements(measurements: list[Measurement], batch_size: int, stan_name: str) -> str:
     stan = next(m for m in measurements if m.name == stan_name)
     headers = [
-        "video tower", "GFLOPs / video", "videos / s", "ms / batch", "CPU ms / batch", "peak memory (MiB)",
-        "STAN / this: time", "CPU time", "FLOPs",
+        "video tower",
+        "GFLOPs / video",
+        "videos / s",
+        "ms / batch",
+        "CPU ms / batch",
+        "peak memory (MiB)",
+        "STAN / this: time",
+        "CPU time",
+        "FLOPs",
     ]
     rows = []
     for m in measurements:
         memory = "n/a" if m.peak_memory_bytes is None else f"{m.peak_memory_bytes / 2**20:.0f}"
-        rows.append([
-            m.name,
-            f"{m.gmacs_per_video:.2f}",
-            f"{batch_size / m.timing.wall:.2f}",
-            f"{m.timing.wall * 1e3:.0f}",
-            f"{m.timing.cpu * 1e3:.0f}",
-            memory,
-            f"{stan.timing.wall / m.timing.wall:.3f}",
-            f"{stan.timing.cpu / m.timing.cpu:.3f}",
-            f"{stan.gmacs_per_video / m.gmacs_per_video:.3f}",
-        ])
+        rows.append(
+            [
+                m.name,
+                f"{m.gmacs_per_video:.2f}",
+                f"{batch_size / m.timing.wall:.2f}",
+                f"{m.timing.wall * 1e3:.0f}",
+                f"{m.timing.cpu * 1e3:.0f}",
+                memory,
+                f"{stan.timing.wall / m.timing.wall:.3f}",
+                f"{stan.timing.cpu / m.timing.cpu:.3f}",
+                f"{stan.gmacs_per_video / m.gmacs_per_video:.3f}",
+            ]
+        )
     return markdown_table(headers, rows)
 
 

@@ -114,14 +114,19 @@ def parse_args(argv, device: torch.device):
     parser.add_argument("--batch_size", type=int, default=32 if on_cuda else 4)
     parser.add_argument("--stan_depth", type=int, default=4)
     parser.add_argument(
-        "--autocast", choices=["bfloat16", "none"], default="bfloat16" if on_cuda else "none",
+        "--autocast",
+        choices=["bfloat16", "none"],
+        default="bfloat16" if on_cuda else "none",
         help="mixed precision (weights and optimizer stay float32)",
     )
     parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10 if on_cuda else 5)
     parser.add_argument(
-        "--peak_tflops", type=float, default=None, help="device peak for MFU (default: BF16_PEAK_TFLOPS by device name)"
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (default: BF16_PEAK_TFLOPS by device name)",
     )
     return parser.parse_args(argv)
 
@@ -163,15 +168,17 @@ def run(args, device: torch.device) -> list[StepResult]:
     rows = []
     for result in results:
         tflops = flops_per_sample * args.batch_size / result.timing.wall / 1e12
-        rows.append([
-            result.name,
-            f"{result.timing.wall:.3f}",
-            f"{result.timing.cpu:.3f}",
-            f"{args.batch_size / result.timing.wall:.2f}",
-            f"{tflops:.3f}",
-            "n/a" if peak_tflops is None else f"{tflops / peak_tflops:.1%}",
-            "n/a" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / 2**20:.0f}",
-        ])
+        rows.append(
+            [
+                result.name,
+                f"{result.timing.wall:.3f}",
+                f"{result.timing.cpu:.3f}",
+                f"{args.batch_size / result.timing.wall:.2f}",
+                f"{tflops:.3f}",
+                "n/a" if peak_tflops is None else f"{tflops / peak_tflops:.1%}",
+                "n/a" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / 2**20:.0f}",
+            ]
+        )
     print()
     print(markdown_table(headers, rows))
     print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.1f}")

@@ -27,9 +27,9 @@ import torch
 from transformers import AutoTokenizer, CLIPConfig
 
 from modeling_stan import StanForVideoClassification
-from modeling_stan.synthetic_videos import COLOURS, DIRECTIONS, SHAPES, render_clip
-from modeling_stan.testing_utils import save_tiny_clip
-from modeling_stan.vifi_prompts import set_trainable_parts
+from modeling_stan.demo.synthetic_videos import COLOURS, DIRECTIONS, SHAPES, render_clip
+from modeling_stan.demo.tiny_clip import save_tiny_clip
+from modeling_stan.tuning.prompts import set_trainable_parts
 
 from ._common import markdown_table, torch_threads
 
@@ -50,8 +50,17 @@ def render(names: list[str], per_class: int, num_frames: int, size: int, rng: np
     for label, name in enumerate(names):
         colour, shape = name.split()
         for _ in range(per_class):
-            clips.append(render_clip(shape, colour, str(rng.choice(DIRECTIONS)), num_frames=num_frames, size=size,
-                                     radius=float(rng.uniform(0.15, 0.3)) * size, offset=float(rng.uniform(0, 1))))
+            clips.append(
+                render_clip(
+                    shape,
+                    colour,
+                    str(rng.choice(DIRECTIONS)),
+                    num_frames=num_frames,
+                    size=size,
+                    radius=float(rng.uniform(0.15, 0.3)) * size,
+                    offset=float(rng.uniform(0, 1)),
+                )
+            )
             labels.append(label)
     frames = torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
     return frames, torch.tensor(labels)
@@ -107,8 +116,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         for name, parts in VARIANTS.items():
             torch.manual_seed(args.seed)
             model = StanForVideoClassification.from_clip_pretrained(
-                clip_dir, classifier_type="text_encoder", class_names=BASE, hypothesis_template=TEMPLATE,
-                stan_depth=0, fixed_logit_scale=LOGIT_SCALE, num_frames=args.num_frames)
+                clip_dir,
+                classifier_type="text_encoder",
+                class_names=BASE,
+                hypothesis_template=TEMPLATE,
+                stan_depth=0,
+                fixed_logit_scale=LOGIT_SCALE,
+                num_frames=args.num_frames,
+            )
             set_trainable_parts(model, parts)
             untrained_novel = _novel_accuracy(model, tokenizer, novel_videos, novel_labels)
             final_loss = train(model, train_videos, train_labels, args)
@@ -118,14 +133,27 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 "novel_untrained": untrained_novel,
                 "final_loss": final_loss,
             }
-    print(f"tiny random CLIP (2 vision layers, {size} px), stan_depth=0, {args.num_frames} frames; {args.steps} AdamW "
-          f"steps of {args.batch_size} clips at lr {args.lr}; {len(BASE)} base classes x {args.train_per_class} "
-          f"training clips; held out: {args.test_per_class} clips per class; seed {args.seed}.\n")
-    rows = [[name, f"{r['base']:.1%}", f"{r['novel']:.1%}", f"{r['novel_untrained']:.1%}", f"{r['final_loss']:.3f}"]
-            for name, r in results.items()]
-    print(markdown_table(["head", f"base accuracy (chance {1 / len(BASE):.1%})",
-                          f"novel accuracy (chance {1 / len(NOVEL):.1%})", "novel before training",
-                          "train loss (last 10 steps)"], rows))
+    print(
+        f"tiny random CLIP (2 vision layers, {size} px), stan_depth=0, {args.num_frames} frames; {args.steps} AdamW "
+        f"steps of {args.batch_size} clips at lr {args.lr}; {len(BASE)} base classes x {args.train_per_class} "
+        f"training clips; held out: {args.test_per_class} clips per class; seed {args.seed}.\n"
+    )
+    rows = [
+        [name, f"{r['base']:.1%}", f"{r['novel']:.1%}", f"{r['novel_untrained']:.1%}", f"{r['final_loss']:.3f}"]
+        for name, r in results.items()
+    ]
+    print(
+        markdown_table(
+            [
+                "head",
+                f"base accuracy (chance {1 / len(BASE):.1%})",
+                f"novel accuracy (chance {1 / len(NOVEL):.1%})",
+                "novel before training",
+                "train loss (last 10 steps)",
+            ],
+            rows,
+        )
+    )
     print(f"\nwhole run: {time.perf_counter() - start:.1f} s")
     return results
 

@@ -70,7 +70,12 @@ class StanConfig(PreTrainedConfig):
     # Output fields that `Trainer` leaves out of its predictions, so that `predictions` is the logits alone (as
     # `compute_metrics` with `np.argmax(predictions, -1)` expects).
     keys_to_ignore_at_inference = [
-        "video_embeds", "text_embeds", "frame_embeds", "token_embeds", "text_model_output", "vision_model_output"
+        "video_embeds",
+        "text_embeds",
+        "frame_embeds",
+        "token_embeds",
+        "text_model_output",
+        "vision_model_output",
     ]
     sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}
 
@@ -135,16 +140,22 @@ class StanConfig(PreTrainedConfig):
             depth, length = getattr(self, f"{tower}_prompt_depth"), getattr(self, f"{tower}_prompt_length")
             layers = sub_config.num_hidden_layers
             if not isinstance(depth, int) or not 0 <= depth <= layers:
-                raise ValueError(f"StanConfig.{tower}_prompt_depth must be an integer in [0, {layers}] (the {tower} "
-                                 f"tower has {layers} layers), got {depth!r}.")
+                raise ValueError(
+                    f"StanConfig.{tower}_prompt_depth must be an integer in [0, {layers}] (the {tower} "
+                    f"tower has {layers} layers), got {depth!r}."
+                )
             if not isinstance(length, int) or length < 1:
                 raise ValueError(f"StanConfig.{tower}_prompt_length must be an integer >= 1, got {length!r}.")
         if self.text_prompt_depth and self.classifier_type != "text_encoder":
-            raise ValueError("StanConfig.text_prompt_depth > 0 needs classifier_type='text_encoder' (text prompts "
-                             f"precede the class prompts the text tower encodes), got {self.classifier_type!r}.")
+            raise ValueError(
+                "StanConfig.text_prompt_depth > 0 needs classifier_type='text_encoder' (text prompts "
+                f"precede the class prompts the text tower encodes), got {self.classifier_type!r}."
+            )
         if self.text_prompt_depth and self.text_prompt_length >= self.text_config.max_position_embeddings - 2:
-            raise ValueError(f"StanConfig.text_prompt_length={self.text_prompt_length} leaves no room for a class "
-                             f"prompt in {self.text_config.max_position_embeddings} text positions.")
+            raise ValueError(
+                f"StanConfig.text_prompt_length={self.text_prompt_length} leaves no room for a class "
+                f"prompt in {self.text_config.max_position_embeddings} text positions."
+            )
 
     @classmethod
     def from_clip_config(cls, clip_config: CLIPConfig, **stan_kwargs) -> "StanConfig":

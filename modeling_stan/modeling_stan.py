@@ -12,10 +12,10 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import (
+    CLIPMLP,
     CLIPAttention,
     CLIPEncoder,
     CLIPEncoderLayer,
-    CLIPMLP,
     CLIPPreTrainedModel,
     CLIPTextModel,
     CLIPVisionEmbeddings,
@@ -27,7 +27,6 @@ from .configuration_stan import StanConfig
 from .mug_alignment import mug_similarity
 from .pipeline_zero_shot_video_classification import custom_pipelines
 from .vifi_prompts import PROMPT_INIT_STD, PromptTokens, TextPrompts, VisionPrompts, encode_prompted_text
-
 
 
 # Written into every saved config so that a directory loads through the Auto classes as remote code (the processor
@@ -275,7 +274,9 @@ class StanSpatialLayer(nn.Module):
         video_cls, patch_tokens = hidden_states[:, :1], hidden_states[:, 1:]
         per_frame = _patch_major_to_frames(patch_tokens, num_frames)
         # expand + reshape, not repeat_interleave: ONNX exports of the latter fix the frame count.
-        frame_cls = video_cls.unsqueeze(1).expand(-1, num_frames, -1, -1).reshape(batch_size * num_frames, 1, hidden_size)
+        frame_cls = (
+            video_cls.unsqueeze(1).expand(-1, num_frames, -1, -1).reshape(batch_size * num_frames, 1, hidden_size)
+        )
         attended, _ = self.self_attn(self.layer_norm1(torch.cat([frame_cls, per_frame], dim=1)), **kwargs)
         attended = self.drop_path(attended)
         # The per-frame copies of the video [CLS] are averaged back into one token.
@@ -526,7 +527,9 @@ class StanVisionModel(StanPreTrainedModel):
         self.stan = StanBranch(config) if config.stan_depth > 0 else None
         self.prompts = None
         if config.vision_prompt_depth:
-            self.prompts = VisionPrompts(config.vision_prompt_depth, config.vision_prompt_length, vision_config.hidden_size)
+            self.prompts = VisionPrompts(
+                config.vision_prompt_depth, config.vision_prompt_length, vision_config.hidden_size
+            )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -608,8 +611,10 @@ class StanModel(StanPreTrainedModel):
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         if config.text_prompt_depth:
-            raise ValueError("StanModel has no class prompts for text prompts to precede: text prompts belong to "
-                             "StanForVideoClassification with classifier_type='text_encoder'.")
+            raise ValueError(
+                "StanModel has no class prompts for text prompts to precede: text prompts belong to "
+                "StanForVideoClassification with classifier_type='text_encoder'."
+            )
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         if config.fixed_logit_scale is not None:
             # A fixed temperature (the authors' recipe) is not trained.
@@ -627,7 +632,11 @@ class StanModel(StanPreTrainedModel):
         """Projected text embeddings: `pooler_output` (B, E) from the EOS token and `token_embeds` (B, N, E)."""
         with _eager_attention_if_requested(self.config, self.config.text_config, kwargs):
             text_outputs = self.text_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **kwargs
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                return_dict=True,
+                **kwargs,
             )
         return StanTextFeaturesOutput(
             last_hidden_state=text_outputs.last_hidden_state,
@@ -752,8 +761,11 @@ class StanForVideoClassification(StanPreTrainedModel):
         if self.has_text_tower:
             self.text_model = CLIPTextModel._from_config(config.text_config)
             self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
-            self.text_prompts = TextPrompts(config.text_prompt_depth, config.text_prompt_length,
-                                            config.text_config.hidden_size) if config.text_prompt_depth else None
+            self.text_prompts = (
+                TextPrompts(config.text_prompt_depth, config.text_prompt_length, config.text_config.hidden_size)
+                if config.text_prompt_depth
+                else None
+            )
             # The tokenized class prompts, padded to every text position as ViFi-CLIP does, so that their shape
             # follows from the config (with or without prompts) and they are saved with the weights.
             shape = (config.num_labels, config.text_config.max_position_embeddings)
@@ -833,11 +845,17 @@ class StanForVideoClassification(StanPreTrainedModel):
         """Points the text-encoder head at a new class list (e.g. another dataset's, for zero-shot recognition):
         `id2label` and the tokenized class prompts."""
         if not self.has_text_tower:
-            raise ValueError(f"classifier_type={self.config.classifier_type!r} cannot change its classes: only the "
-                             "'text_encoder' head computes class embeddings from class names.")
-        inputs = tokenize_class_prompts(tokenizer, class_names, self.config.hypothesis_template,
-                                        length=self.config.text_config.max_position_embeddings,
-                                        budget=self._class_prompt_budget())
+            raise ValueError(
+                f"classifier_type={self.config.classifier_type!r} cannot change its classes: only the "
+                "'text_encoder' head computes class embeddings from class names."
+            )
+        inputs = tokenize_class_prompts(
+            tokenizer,
+            class_names,
+            self.config.hypothesis_template,
+            length=self.config.text_config.max_position_embeddings,
+            budget=self._class_prompt_budget(),
+        )
         self.config.id2label = dict(enumerate(class_names))
         self.config.label2id = {name: index for index, name in enumerate(class_names)}
         self.num_labels = len(class_names)
@@ -849,7 +867,9 @@ class StanForVideoClassification(StanPreTrainedModel):
         """Starts the first-layer text prompts from `config.text_prompt_init`; False if the phrase is too short."""
         if self.config.text_prompt_init is None:
             return False
-        phrase_ids = tokenizer(self.config.text_prompt_init, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        phrase_ids = tokenizer(self.config.text_prompt_init, add_special_tokens=False, return_tensors="pt")[
+            "input_ids"
+        ][0]
         return self.text_prompts.init_from_phrase(phrase_ids, self.text_model.embeddings.token_embedding)
 
     def class_embeddings(self) -> torch.Tensor:
@@ -858,13 +878,18 @@ class StanForVideoClassification(StanPreTrainedModel):
             return self.classifier.weight
         if not bool(self.class_attention_mask.any(dim=1).all()):
             # A folder without class prompts (e.g. a StanModel's) loads with empty ones: never score against those.
-            raise ValueError("The text-encoder head has no class prompt for some classes: call "
-                             "set_class_names(class_names, tokenizer) first.")
+            raise ValueError(
+                "The text-encoder head has no class prompt for some classes: call "
+                "set_class_names(class_names, tokenizer) first."
+            )
         if self.text_prompts is None:
-            pooled = self.text_model(input_ids=self.class_input_ids, attention_mask=self.class_attention_mask).pooler_output
+            pooled = self.text_model(
+                input_ids=self.class_input_ids, attention_mask=self.class_attention_mask
+            ).pooler_output
         else:
-            pooled = encode_prompted_text(self.text_model, self.class_input_ids, self.class_attention_mask,
-                                          self.text_prompts)
+            pooled = encode_prompted_text(
+                self.text_model, self.class_input_ids, self.class_attention_mask, self.text_prompts
+            )
         return self.text_projection(pooled)
 
     @can_return_tuple
@@ -895,8 +920,9 @@ class StanForVideoClassification(StanPreTrainedModel):
         )
 
 
-def tokenize_class_prompts(tokenizer, class_names: list[str], template: str, length: int | None = None,
-                           budget: int | None = None) -> dict:
+def tokenize_class_prompts(
+    tokenizer, class_names: list[str], template: str, length: int | None = None, budget: int | None = None
+) -> dict:
     """`template.format(name)` for each class, tokenized; padded to `length` tokens if given (longest otherwise).
     Underscores in names read as spaces ("brush_hair": "brush hair"), as ViFi-CLIP writes its prompts. A prompt of
     more than `budget` (default `length`) tokens is an error, never silently cut."""
@@ -907,8 +933,9 @@ def tokenize_class_prompts(tokenizer, class_names: list[str], template: str, len
     if budget is not None:
         too_long = [p for p, mask in zip(prompts, inputs["attention_mask"]) if int(mask.sum()) > budget]
         if too_long:
-            raise ValueError(f"These class prompts have more than the {budget} tokens the text tower leaves them: "
-                             f"{too_long[:5]}")
+            raise ValueError(
+                f"These class prompts have more than the {budget} tokens the text tower leaves them: {too_long[:5]}"
+            )
     return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
 
 

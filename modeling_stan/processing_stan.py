@@ -60,7 +60,9 @@ class StanProcessor(ProcessorMixin):
         # here keeps a processor's dict the same before saving and after loading.
         output = super().to_dict()
         if self._auto_class is not None:
-            output["auto_map"] = {self._auto_class: f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"}
+            output["auto_map"] = {
+                self._auto_class: f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+            }
         return output
 
     @classmethod

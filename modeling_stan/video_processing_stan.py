@@ -166,8 +166,10 @@ class StanVideoProcessor(VideoProcessorMixin):
     def _standardize_kwargs(self, random_resized_crop_scale=None, random_resized_crop_ratio=None, **kwargs) -> dict:
         kwargs = super()._standardize_kwargs(**kwargs)
         # JSON turns tuples into lists: one form keeps saved and loaded processors equal.
-        for name, low_high in (("random_resized_crop_scale", random_resized_crop_scale),
-                               ("random_resized_crop_ratio", random_resized_crop_ratio)):
+        for name, low_high in (
+            ("random_resized_crop_scale", random_resized_crop_scale),
+            ("random_resized_crop_ratio", random_resized_crop_ratio),
+        ):
             kwargs[name] = None if low_high is None else tuple(low_high)
         return kwargs
 

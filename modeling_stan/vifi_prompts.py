@@ -1,5 +1,5 @@
-"""ViFi-CLIP's "bridge and prompt": learnable vision and text prompt tokens, the tuning variants, and prompt-only
-checkpoints saved and loaded on top of a base checkpoint the way PEFT adapters are.
+"""ViFi-CLIP's "bridge and prompt": learnable vision and text prompt tokens (remote code; what trains and the
+prompt-only checkpoints are tools, in `modeling_stan.tuning.prompts`).
 
 Definitions follow the ViFi-CLIP authors' code (muzairkhattak/ViFi-CLIP, `clip/model.py`, `trainers/vificlip.py`):
 
@@ -10,18 +10,9 @@ Definitions follow the ViFi-CLIP authors' code (muzairkhattak/ViFi-CLIP, `clip/m
   layers `1 .. depth-1`; pooled at the (shifted) end-of-text token;
 - every prompt token starts from a normal(0, 0.02) draw; the first-layer text tokens may start from the token
   embeddings of a phrase ("a photo of a") when it has at least `length` tokens, as the authors do.
-
-Prompt-only checkpoints use PEFT's file names (`adapter_config.json`, `adapter_model.safetensors`) but not PEFT's
-loader: PEFT's prompt-learning methods prepend virtual tokens to the inputs of a language model and have no notion
-of per-layer tokens inside a vision tower, so the weights are saved and loaded here, and the config names its own
-`adapter_type` so PEFT does not mistake the folder for one of its adapters.
 """
 
-import json
-import os
-
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
@@ -34,11 +25,6 @@ PROMPT_CONFIG_FIELDS = (
     "text_prompt_length",
     "text_prompt_init",
 )
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_TYPE = "stan_vifi_prompts"
-# What `set_trainable_parts` may leave trainable: ViFi-CLIP's `USE` ("both", "text", "image") and `PROMPT_MODEL`.
-TRAINABLE_PARTS = ("all", "text", "vision", "prompts")
 
 
 class PromptTokens(nn.Module):
@@ -86,8 +72,9 @@ class TextPrompts(PromptTokens):
         if not self.replaces_before(layer):
             return hidden_states
         start, end = 1, 1 + self.length
-        return torch.cat([hidden_states[:, :start], self.layer_tokens(layer, hidden_states), hidden_states[:, end:]],
-                         dim=1)
+        return torch.cat(
+            [hidden_states[:, :start], self.layer_tokens(layer, hidden_states), hidden_states[:, end:]], dim=1
+        )
 
     @torch.no_grad()
     def init_from_phrase(self, phrase_ids: torch.Tensor, token_embedding: nn.Embedding) -> bool:
@@ -99,8 +86,9 @@ class TextPrompts(PromptTokens):
         return True
 
 
-def encode_prompted_text(text_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         prompts: TextPrompts) -> torch.Tensor:
+def encode_prompted_text(
+    text_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompts: TextPrompts
+) -> torch.Tensor:
     """The pooled (end-of-text) states of `text_model` (a `CLIPTextModel`) with `prompts` after the start token.
 
     The same computation as `CLIPTextModel.forward` (token plus position embedding, causal masked layers, final
@@ -109,15 +97,18 @@ def encode_prompted_text(text_model: nn.Module, input_ids: torch.Tensor, attenti
     """
     length = input_ids.shape[1]
     if int(attention_mask.sum(dim=1).max()) > length - prompts.length:
-        raise ValueError(f"A class prompt uses more than the {length - prompts.length} of {length} text positions "
-                         f"that {prompts.length} text prompt tokens leave.")
+        raise ValueError(
+            f"A class prompt uses more than the {length - prompts.length} of {length} text positions "
+            f"that {prompts.length} text prompt tokens leave."
+        )
     embeddings = text_model.embeddings
     inputs_embeds = prompts.insert(embeddings.token_embedding(input_ids))[:, :length]
     hidden_states = embeddings(inputs_embeds=inputs_embeds)
     prompt_mask = attention_mask.new_ones(attention_mask.shape[0], prompts.length)
     attention_mask = torch.cat([attention_mask[:, :1], prompt_mask, attention_mask[:, 1:]], dim=1)[:, :length]
-    causal_mask = create_causal_mask(config=text_model.config, inputs_embeds=hidden_states,
-                                     attention_mask=attention_mask, past_key_values=None)
+    causal_mask = create_causal_mask(
+        config=text_model.config, inputs_embeds=hidden_states, attention_mask=attention_mask, past_key_values=None
+    )
     for index, layer in enumerate(text_model.encoder.layers):
         hidden_states = layer(prompts.before_layer(hidden_states, index), causal_mask, is_causal=True)
     hidden_states = text_model.final_layer_norm(hidden_states)
@@ -133,109 +124,12 @@ def end_of_text_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.T
     return (ids == eos_token_id).int().argmax(dim=-1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# What trains
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def prompt_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The prompt tokens of `model` by parameter name."""
-    return {f"{name}.tokens": module.tokens for name, module in model.named_modules() if isinstance(module, PromptTokens)}
-
-
-def set_trainable_parts(model: nn.Module, parts: str) -> list[str]:
-    """Freezes all but `parts` of `model`; returns the names of the parameters left trainable.
-
-    - `"all"`: everything stays as built (a frozen class matrix or fixed scale stays frozen);
-    - `"vision"` / `"text"`: only that tower and its projection (ViFi-CLIP's image- / text-tuned variants);
-    - `"prompts"`: only the prompt tokens (ViFi-CLIP's prompting stage), which the model must have.
-    """
-    if parts not in TRAINABLE_PARTS:
-        raise ValueError(f"trainable parts must be one of {list(TRAINABLE_PARTS)}, got {parts!r}.")
-    if parts != "all":
-        prompts = prompt_parameters(model)
-        if parts == "prompts" and not prompts:
-            raise ValueError("Training only the prompts needs a model with prompts: set vision_prompt_depth and/or "
-                             "text_prompt_depth > 0.")
-        prefixes = {"vision": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
-        for name, parameter in model.named_parameters():
-            if parts == "prompts":
-                parameter.requires_grad_(name in prompts)
-            else:
-                parameter.requires_grad_(name.startswith(prefixes[parts]) and name not in prompts)
-    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-    if not trainable:
-        raise ValueError(f"Training only {parts!r} leaves no trainable parameter in {type(model).__name__}.")
-    return trainable
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Prompt-only checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def save_prompts(model: nn.Module, save_directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
-    """Writes the prompt tokens of `model` alone: `adapter_model.safetensors` and `adapter_config.json` (the prompt
-    fields of its config, and the base checkpoint they were trained on)."""
-    weights = {name: parameter.detach().cpu().contiguous() for name, parameter in prompt_parameters(model).items()}
-    if not weights:
-        raise ValueError(f"{type(model).__name__} has no prompt tokens to save.")
-    os.makedirs(save_directory, exist_ok=True)
-    save_file(weights, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    adapter_config = {
-        "adapter_type": ADAPTER_TYPE,
-        "base_model_name_or_path": base_model_name_or_path,
-        **{field: getattr(model.config, field) for field in PROMPT_CONFIG_FIELDS},
-    }
-    with open(os.path.join(save_directory, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as file:
-        json.dump(adapter_config, file, indent=2)
-
-
-def read_prompt_config(prompts_directory: str | os.PathLike) -> dict:
-    """The prompt config fields saved by `save_prompts`."""
-    path = os.path.join(prompts_directory, ADAPTER_CONFIG_NAME)
-    with open(path, encoding="utf-8") as file:
-        adapter_config = json.load(file)
-    if adapter_config.get("adapter_type") != ADAPTER_TYPE:
-        raise ValueError(f"{path} is not a STAN prompt checkpoint: adapter_type is {adapter_config.get('adapter_type')!r}, "
-                         f"expected {ADAPTER_TYPE!r}.")
-    missing = [field for field in PROMPT_CONFIG_FIELDS if field not in adapter_config]
-    if missing:
-        raise ValueError(f"{path} lacks the prompt fields {missing}.")
-    return {field: adapter_config[field] for field in PROMPT_CONFIG_FIELDS}
-
-
-def load_with_prompts(model_class: type, base_model_name_or_path: str | os.PathLike,
-                      prompts_directory: str | os.PathLike, **kwargs) -> nn.Module:
-    """`model_class.from_pretrained(base, **kwargs)` with the prompts saved in `prompts_directory` on top.
-
-    The base checkpoint gives every other weight; the prompt tokens must match the saved prompt fields exactly.
-    """
-    model = model_class.from_pretrained(base_model_name_or_path, **read_prompt_config(prompts_directory), **kwargs)
-    weights_path = os.path.join(prompts_directory, ADAPTER_WEIGHTS_NAME)
-    saved = load_file(weights_path)
-    expected = prompt_parameters(model)
-    if set(saved) != set(expected):
-        raise ValueError(f"{weights_path} holds the prompts {sorted(saved)}, but the model built from its config has "
-                         f"{sorted(expected)}.")
-    with torch.no_grad():
-        for name, parameter in expected.items():
-            if saved[name].shape != parameter.shape:
-                raise ValueError(f"{weights_path}: {name} has shape {tuple(saved[name].shape)}, the model expects "
-                                 f"{tuple(parameter.shape)}.")
-            parameter.copy_(saved[name])
-    return model
-
-
 __all__ = [
     "PromptTokens",
     "VisionPrompts",
     "TextPrompts",
-    "TRAINABLE_PARTS",
+    "PROMPT_INIT_STD",
+    "PROMPT_CONFIG_FIELDS",
     "encode_prompted_text",
-    "prompt_parameters",
-    "set_trainable_parts",
-    "save_prompts",
-    "read_prompt_config",
-    "load_with_prompts",
+    "end_of_text_positions",
 ]

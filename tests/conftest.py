@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modeling_stan import StanConfig
-from modeling_stan.testing_utils import save_tiny_clip, tiny_clip_config
+from modeling_stan.demo.tiny_clip import save_tiny_clip, tiny_clip_config
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

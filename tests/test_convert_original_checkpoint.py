@@ -12,7 +12,7 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from modeling_stan import StanForVideoTextRetrieval
-from modeling_stan.convert_original_checkpoint import (
+from modeling_stan.conversion.convert_original_checkpoint import (
     CheckpointConversionError,
     convert_original_checkpoint,
     load_original_state_dict,
@@ -34,12 +34,19 @@ def _convert_with_cli(parity_dir, output):
     meta = json.loads((parity_dir / "meta.json").read_text())
     subprocess.run(
         [
-            sys.executable, "-m", "modeling_stan.convert_original_checkpoint",
-            "--checkpoint", str(parity_dir / "official_state_dict.safetensors"),
-            "--clip", str(parity_dir / "clip"),
-            "--output", str(output),
-            "--temperature", str(1.0 / meta["contrastive_logit_scale"]),
-            "--num-frames", str(meta["num_frames"]),
+            sys.executable,
+            "-m",
+            "modeling_stan.conversion.convert_original_checkpoint",
+            "--checkpoint",
+            str(parity_dir / "official_state_dict.safetensors"),
+            "--clip",
+            str(parity_dir / "clip"),
+            "--output",
+            str(output),
+            "--temperature",
+            str(1.0 / meta["contrastive_logit_scale"]),
+            "--num-frames",
+            str(meta["num_frames"]),
         ],
         cwd=REPO_ROOT,
         check=True,
@@ -59,7 +66,9 @@ def _assert_reproduces_embeddings_and_loss(model, expected):
         video = model.get_video_features(expected["pixel_values"])
         text = model.get_text_features(expected["input_ids"], expected["attention_mask"])
         out = model(
-            input_ids=expected["input_ids"], attention_mask=expected["attention_mask"], pixel_values=expected["pixel_values"]
+            input_ids=expected["input_ids"],
+            attention_mask=expected["attention_mask"],
+            pixel_values=expected["pixel_values"],
         )
     close = dict(atol=1e-5, rtol=0)
     torch.testing.assert_close(video.pooler_output, expected["video_embeds"], **close)
@@ -99,7 +108,7 @@ def test_timesfpn_era_conv_checkpoint_drops_its_two_unused_parameters_and_says_s
     state["backbone.timesFPN_cls_token"] = torch.randn(1, 1, hidden)
     path = tmp_path / "timesfpn_conv.pth"
     torch.save({"state_dict": state}, path)
-    logger = logging.get_logger("modeling_stan.convert_original_checkpoint")
+    logger = logging.get_logger("modeling_stan.conversion.convert_original_checkpoint")
     with CaptureLogger(logger) as captured:
         model = convert_original_checkpoint(path, parity_dir / "clip")
     assert "['backbone.timesFPN_cls_token', 'backbone.timesFPN_pos_embed']" in captured.out
@@ -109,7 +118,9 @@ def test_timesfpn_era_conv_checkpoint_drops_its_two_unused_parameters_and_says_s
 
     state["backbone.timesFPN_pos_embed_extra"] = torch.zeros(1)
     torch.save({"state_dict": state}, path)
-    with pytest.raises(CheckpointConversionError, match=r"1 keys could not be mapped: \['backbone.timesFPN_pos_embed_extra'\]"):
+    with pytest.raises(
+        CheckpointConversionError, match=r"1 keys could not be mapped: \['backbone.timesFPN_pos_embed_extra'\]"
+    ):
         convert_original_checkpoint(path, parity_dir / "clip")
 
 
@@ -146,7 +157,9 @@ def test_unmapped_key_is_refused_with_its_name(parity_dir, tmp_path):
     state["adapter.text_weight_fc.weight"] = torch.zeros(1, 32)
     path = tmp_path / "with_adapter.safetensors"
     save_file(state, str(path))
-    with pytest.raises(CheckpointConversionError, match=r"1 keys could not be mapped: \['adapter.text_weight_fc.weight'\]"):
+    with pytest.raises(
+        CheckpointConversionError, match=r"1 keys could not be mapped: \['adapter.text_weight_fc.weight'\]"
+    ):
         convert_original_checkpoint(path, parity_dir / "clip")
 
 
@@ -155,7 +168,10 @@ def test_shape_mismatch_against_the_clip_config_is_refused(parity_dir, tmp_path)
     state["backbone.visual_projection.weight"] = torch.zeros(16, 64)
     path = tmp_path / "bad_shape.safetensors"
     save_file(state, str(path))
-    with pytest.raises(CheckpointConversionError, match=r"backbone.visual_projection.weight: checkpoint \(16, 64\) vs model \(32, 64\)"):
+    with pytest.raises(
+        CheckpointConversionError,
+        match=r"backbone.visual_projection.weight: checkpoint \(16, 64\) vs model \(32, 64\)",
+    ):
         convert_original_checkpoint(path, parity_dir / "clip")
 
 
@@ -185,9 +201,20 @@ def test_cli_reports_errors_without_a_traceback(parity_dir, tmp_path):
     path = tmp_path / "empty.pth"
     path.write_bytes(b"")
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_stan.convert_original_checkpoint", "--checkpoint", str(path),
-         "--clip", str(parity_dir / "clip"), "--output", str(tmp_path / "out")],
-        cwd=REPO_ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "modeling_stan.conversion.convert_original_checkpoint",
+            "--checkpoint",
+            str(path),
+            "--clip",
+            str(parity_dir / "clip"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "empty.pth: not a PyTorch checkpoint" in result.stderr and "Traceback" not in result.stderr

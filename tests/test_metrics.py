@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_stan.metrics import (
+from modeling_stan.evaluation.metrics import (
     aggregate_views,
     dual_softmax,
     gallery_to_query_metrics,
@@ -289,7 +289,10 @@ def test_aggregate_views_groups_rows_video_major():
     logits = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [0.0, 1.0]])
     result = aggregate_views(logits, num_views=2)
     assert isinstance(result, torch.Tensor) and result.shape == (2, 2)
-    expected = [np.mean([softmax_row([1, 0]), softmax_row([2, 0])], 0), np.mean([softmax_row([0, 3]), softmax_row([0, 1])], 0)]
+    expected = [
+        np.mean([softmax_row([1, 0]), softmax_row([2, 0])], 0),
+        np.mean([softmax_row([0, 3]), softmax_row([0, 1])], 0),
+    ]
     np.testing.assert_allclose(result.numpy(), expected, rtol=1e-6)
 
 

@@ -2,15 +2,15 @@
 and `write_training_model_card` writes a valid card of a training run."""
 
 import json
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard, metadata_eval_result
 from test_readme import NUM_FRAMES, one_thread, run_python_snippet, tiny_processor, write_video
 
 from modeling_stan import StanForVideoClassification, StanForVideoTextRetrieval
-from modeling_stan.model_card import (
+from modeling_stan.hub.model_card import (
     CHECKPOINTS_PATH,
-    HUB_CARDS_DIR,
     ModelCardError,
     extract_snippets,
     load_checkpoint_specs,
@@ -20,6 +20,7 @@ from modeling_stan.model_card import (
 )
 
 
+HUB_CARDS_DIR = Path(__file__).resolve().parents[1] / "hub_cards"
 PUBLISHED = sorted(HUB_CARDS_DIR.glob("*/README.md"))
 STAN_PAPER = "https://arxiv.org/abs/2301.11116"
 
@@ -33,7 +34,7 @@ def test_every_checkpoint_has_a_fresh_rendered_card():
     assert {path.parent.name for path in PUBLISHED} == names
     assert {"stan-self-b32-msrvtt", "stan-self-b16-msrvtt", "stan-conv-b32-didemo"} <= names
     assert {"stan-self-b16-k400", "stan-self-b16-ssv2", "stan-conv-b16-ssv2", "mug-stan-l14"} <= names
-    assert stale_published_cards() == [], "run `python -m modeling_stan.model_card render`"
+    assert stale_published_cards(HUB_CARDS_DIR) == [], "run `stan-cards render`"
 
 
 @pytest.mark.parametrize("path", PUBLISHED, ids=_card_id)
@@ -152,7 +153,7 @@ def test_re_ranking_is_only_mentioned_on_retrieval_cards(path):
 
 def test_a_recipe_value_must_name_its_source(tmp_path):
     path = tmp_path / "checkpoints.yaml"
-    original = '''"AdamW, betas (0.9, 0.98), weight decay 0.05, 30 epochs, 10% warm-up (the authors' retrieval recipe carried over; the paper states Adam with weight decay 0.02 and no epoch count)", "ours"]'''
+    original = """"AdamW, betas (0.9, 0.98), weight decay 0.05, 30 epochs, 10% warm-up (the authors' retrieval recipe carried over; the paper states Adam with weight decay 0.02 and no epoch count)", "ours"]"""
     guessed = original.replace('"ours"]', '"paper-ish guess"]')
     text = CHECKPOINTS_PATH.read_text()
     assert original in text
@@ -282,7 +283,11 @@ def test_training_card_snippets_run(tiny_clip_dir, tmp_path, monkeypatch, capsys
     model.save_pretrained(run)
     tiny_processor(tiny_clip_dir).save_pretrained(run)
     path = write_training_model_card(
-        run, metrics={"t2v_R@1": 50.0}, task="video-text-retrieval", base_model="tiny-clip", dataset_name="shapes",
+        run,
+        metrics={"t2v_R@1": 50.0},
+        task="video-text-retrieval",
+        base_model="tiny-clip",
+        dataset_name="shapes",
         training_args={"max_steps": 1},
     )
     write_video(tmp_path / "video.mp4")

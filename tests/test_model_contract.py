@@ -59,8 +59,12 @@ def test_return_dict_false_gives_tuples_everywhere(setting):
     text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     dual = StanModel(tester.get_config()).eval()
     classifier = StanForVideoClassification(tester.get_config()).eval()
-    calls = [(dual, dual.forward, inputs), (dual, dual.get_video_features, video), (dual, dual.get_text_features, text),
-             (classifier, classifier.forward, {**video, "labels": torch.tensor([0, 1, 2])})]
+    calls = [
+        (dual, dual.forward, inputs),
+        (dual, dual.get_video_features, video),
+        (dual, dual.get_text_features, text),
+        (classifier, classifier.forward, {**video, "labels": torch.tensor([0, 1, 2])}),
+    ]
     for model, method, call_inputs in calls:
         with torch.no_grad():
             as_dict = method(**call_inputs)
@@ -91,21 +95,41 @@ def test_weights_missing_from_a_checkpoint_get_clips_initialisation(tmp_path):
     config = tester.get_config()
     StanModel(config).save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    missing = ("text_model.encoder.layers.0.", "vision_model.encoder.layers.0.", "vision_model.stan.",
-               "visual_projection.", "text_projection.")
-    save_file({k: v for k, v in weights.items() if not k.startswith(missing)}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})
+    missing = (
+        "text_model.encoder.layers.0.",
+        "vision_model.encoder.layers.0.",
+        "vision_model.stan.",
+        "visual_projection.",
+        "text_projection.",
+    )
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith(missing)},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     torch.manual_seed(0)
     in_process = StanModel.from_pretrained(tmp_path).state_dict()
     torch.manual_seed(0)
     remote_code = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).state_dict()
     # transformers' own CLIP initialisation of the same towers is the reference.
-    clip = CLIPModel(CLIPConfig(text_config=config.text_config.to_dict(), vision_config=config.vision_config.to_dict(),
-                                projection_dim=config.projection_dim)).state_dict()
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=config.text_config.to_dict(),
+            vision_config=config.vision_config.to_dict(),
+            projection_dim=config.projection_dim,
+        )
+    ).state_dict()
     # Every Linear weight the checkpoint lacks, but the zero-initialised temporal modules' (STAN's own rule); a STAN
     # spatial layer is a CLIP vision layer.
-    checked = [key for key in in_process if key.startswith(missing) and key.endswith("weight")
-               and "temporal" not in key and "time_embedding" not in key and in_process[key].ndim == 2]
+    checked = [
+        key
+        for key in in_process
+        if key.startswith(missing)
+        and key.endswith("weight")
+        and "temporal" not in key
+        and "time_embedding" not in key
+        and in_process[key].ndim == 2
+    ]
     assert len(checked) == 3 * 6 + 2
     for key in checked:
         expected = clip[key.replace("stan.layers.0.spatial.", "encoder.layers.0.")].std().item()
@@ -133,6 +157,7 @@ def test_a_linear_classifier_missing_from_a_checkpoint_starts_as_video_classifie
     assert model.classifier.weight.std().item() == pytest.approx(config.initializer_range, rel=0.05)
     assert not model.classifier.bias.any()
     assert not hasattr(model, "text_model")  # as CLIPForImageClassification: no text tower, no attribute
+
 
 # ---------------------------------------------------------------------------------------------- attention switch
 
@@ -215,15 +240,24 @@ def test_peft_lora_sequence_classification_trains_adapters_and_head():
 
 
 CODE_FILES = {
-    "configuration_stan.py", "modeling_stan.py", "mug_alignment.py", "pipeline_zero_shot_video_classification.py",
-    "processing_stan.py", "video_processing_stan.py", "video_io.py",
+    "configuration_stan.py",
+    "modeling_stan.py",
+    "mug_alignment.py",
+    "pipeline_zero_shot_video_classification.py",
+    "processing_stan.py",
+    "video_processing_stan.py",
+    "video_io.py",
 }
 
 
 @pytest.mark.parametrize(
     "model_class, own_auto_class",
-    [(StanVisionModel, "AutoModel"), (StanModel, "AutoModel"), (StanForVideoTextRetrieval, "AutoModel"),
-     (StanForVideoClassification, "AutoModelForVideoClassification")],
+    [
+        (StanVisionModel, "AutoModel"),
+        (StanModel, "AutoModel"),
+        (StanForVideoTextRetrieval, "AutoModel"),
+        (StanForVideoClassification, "AutoModelForVideoClassification"),
+    ],
 )
 def test_model_and_processor_save_a_complete_hub_repository(model_class, own_auto_class, tiny_clip_dir, tmp_path):
     model_class(_tester().get_config()).save_pretrained(tmp_path)

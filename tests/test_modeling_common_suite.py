@@ -174,17 +174,30 @@ class StanVisionModelTest(ModelTesterMixin, unittest.TestCase):
         self.assertEqual(outputs.last_hidden_state.shape, (*frames, tester.seq_length, tester.hidden_size))
         self.assertEqual(outputs.pooler_output.shape, (*frames, tester.hidden_size))
         branch_tokens = 1 + (tester.seq_length - 1) * tester.num_frames
-        self.assertEqual(outputs.branch_last_hidden_state.shape, (tester.batch_size, branch_tokens, tester.hidden_size))
+        self.assertEqual(
+            outputs.branch_last_hidden_state.shape, (tester.batch_size, branch_tokens, tester.hidden_size)
+        )
         # `attentions` keeps to the CLIP layers, as `hidden_states` does; the branch's maps come apart.
-        frame_map = (tester.batch_size * tester.num_frames, tester.num_attention_heads, tester.seq_length, tester.seq_length)
+        frame_map = (
+            tester.batch_size * tester.num_frames,
+            tester.num_attention_heads,
+            tester.seq_length,
+            tester.seq_length,
+        )
         self.assertEqual([tuple(a.shape) for a in outputs.attentions], [frame_map] * tester.num_hidden_layers)
         # Every STAN layer's spatial module attends within each frame (the video [CLS] shared by all frames).
         spatial_maps = [a for a in outputs.branch_attentions if tuple(a.shape) == frame_map]
         self.assertEqual(len(spatial_maps), tester.stan_depth)
         if self.temporal_module == "attention":
-            temporal_map = (tester.batch_size * (tester.seq_length - 1), tester.num_attention_heads, tester.num_frames,
-                            tester.num_frames)
-            self.assertEqual([tuple(a.shape) for a in outputs.branch_attentions[::2]], [temporal_map] * tester.stan_depth)
+            temporal_map = (
+                tester.batch_size * (tester.seq_length - 1),
+                tester.num_attention_heads,
+                tester.num_frames,
+                tester.num_frames,
+            )
+            self.assertEqual(
+                [tuple(a.shape) for a in outputs.branch_attentions[::2]], [temporal_map] * tester.stan_depth
+            )
 
 
 class StanVisionModelConvTest(StanVisionModelTest):

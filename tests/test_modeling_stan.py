@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from modeling_stan import (
     StanModel,
     video_text_contrastive_loss,
 )
-from modeling_stan.testing_utils import build_tiny_clip_tokenizer
+from modeling_stan.demo.tiny_clip import build_tiny_clip_tokenizer
 
 
 def random_text(config: StanConfig, batch_size=2, length=7, seed=0):
@@ -108,7 +109,9 @@ def test_retrieval_model_shapes_and_summed_loss(alignment):
 @pytest.mark.parametrize("classifier_type", ["linear", "class_embeddings", "frozen_class_embeddings", "text_encoder"])
 def test_classification_shapes_and_loss(classifier_type):
     labels = {0: "left", 1: "right", 2: "up"}
-    config = tiny_stan_config(classifier_type=classifier_type, id2label=labels, label2id={v: k for k, v in labels.items()})
+    config = tiny_stan_config(
+        classifier_type=classifier_type, id2label=labels, label2id={v: k for k, v in labels.items()}
+    )
     model = StanForVideoClassification(config).eval()
     if classifier_type == "text_encoder":
         with pytest.raises(ValueError, match="no class prompt for some classes"):
@@ -207,6 +210,42 @@ def test_auto_classes_resolve_stan(tmp_path):
     assert isinstance(AutoModel.from_pretrained(tmp_path), StanModel)
 
 
+def test_top_level_modules_are_exactly_what_a_checkpoint_carries(tmp_path):
+    """The layout shows what travels: a retrieval checkpoint saved with its processor carries every top-level module
+    of the package and nothing else, and the package declares that set in one place."""
+    import modeling_stan
+    from modeling_stan.demo.tiny_clip import build_tiny_clip_tokenizer as tokenizer_factory
+    from modeling_stan.processing_stan import StanProcessor
+    from modeling_stan.video_processing_stan import StanVideoProcessor
+
+    config = tiny_stan_config()
+    StanForVideoTextRetrieval(config).save_pretrained(tmp_path)
+    StanProcessor(
+        video_processor=StanVideoProcessor(num_frames=config.num_frames), tokenizer=tokenizer_factory()
+    ).save_pretrained(tmp_path)
+    carried = {path.stem for path in tmp_path.glob("*.py")}
+    package_dir = Path(modeling_stan.__file__).parent
+    top_level = {path.stem for path in package_dir.glob("*.py")} - {"__init__"}
+    assert carried == top_level == set(modeling_stan.REMOTE_CODE_MODULES)
+    assert all(
+        (package_dir / name / "__init__.py").is_file()
+        for name in ("conversion", "data", "demo", "evaluation", "hub", "search", "tuning")
+    )
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("video_search", "modeling_stan.search.video_search"),
+        ("convert_original_checkpoint", "modeling_stan.conversion.convert_original_checkpoint"),
+    ],
+)
+def test_old_tool_module_paths_name_the_new_ones(old, new):
+    result = subprocess.run([sys.executable, "-m", f"modeling_stan.{old}", "--help"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert new in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 _FRESH_PROCESS_SCRIPT = textwrap.dedent(
     """
     import importlib.abc, sys, torch
@@ -247,14 +286,24 @@ def test_remote_code_loads_in_a_fresh_process(tmp_path, kind):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
     subprocess.run(
-        [sys.executable, "-I", str(script), str(model_dir), kind, str(tmp_path / "video.pt"), str(tmp_path / "out.pt")],
+        [
+            sys.executable,
+            "-I",
+            str(script),
+            str(model_dir),
+            kind,
+            str(tmp_path / "video.pt"),
+            str(tmp_path / "out.pt"),
+        ],
         cwd=tmp_path,
         env=env,
         check=True,
         capture_output=True,
     )
     with torch.no_grad():
-        expected = model.get_video_features(video).pooler_output if kind == "model" else model(pixel_values=video).logits
+        expected = (
+            model.get_video_features(video).pooler_output if kind == "model" else model(pixel_values=video).logits
+        )
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 
 
@@ -316,7 +365,9 @@ def test_from_clip_pretrained_text_classifier(tiny_clip_dir):
     from transformers import AutoTokenizer
 
     names = ["red square", "blue circle"]
-    model = StanForVideoClassification.from_clip_pretrained(tiny_clip_dir, classifier_type="class_embeddings", class_names=names)
+    model = StanForVideoClassification.from_clip_pretrained(
+        tiny_clip_dir, classifier_type="class_embeddings", class_names=names
+    )
     clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
     with torch.no_grad():
@@ -328,7 +379,10 @@ def test_from_clip_pretrained_text_classifier(tiny_clip_dir):
     video = random_video()
     with torch.no_grad():
         out = model(pixel_values=video)
-        cos = torch.nn.functional.normalize(out.video_embeds, dim=-1) @ torch.nn.functional.normalize(expected, dim=-1).t()
+        cos = (
+            torch.nn.functional.normalize(out.video_embeds, dim=-1)
+            @ torch.nn.functional.normalize(expected, dim=-1).t()
+        )
     torch.testing.assert_close(out.logits, clip.logit_scale.exp() * cos)
 
 
@@ -345,7 +399,9 @@ def test_gradients_reach_clip_and_stan_parameters():
     config = tiny_stan_config()
     model = StanModel(config).train()
     ids, mask = random_text(config)
-    grads = _gradient_norms(model, model(input_ids=ids, attention_mask=mask, pixel_values=random_video(), return_loss=True).loss)
+    grads = _gradient_norms(
+        model, model(input_ids=ids, attention_mask=mask, pixel_values=random_video(), return_loss=True).loss
+    )
     for name in [
         "vision_model.encoder.layers.0.self_attn.q_proj.weight",
         "vision_model.embeddings.patch_embedding.weight",
@@ -364,10 +420,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     ids, mask = random_text(config)
     video = random_video()
     model = StanModel(config).train()
-    reference = _gradient_norms(model, model(input_ids=ids, attention_mask=mask, pixel_values=video, return_loss=True).loss)
+    reference = _gradient_norms(
+        model, model(input_ids=ids, attention_mask=mask, pixel_values=video, return_loss=True).loss
+    )
     model.activation_checkpointing_enable()
     assert model.vision_model.stan.layers[0].gradient_checkpointing
-    checkpointed = _gradient_norms(model, model(input_ids=ids, attention_mask=mask, pixel_values=video, return_loss=True).loss)
+    checkpointed = _gradient_norms(
+        model, model(input_ids=ids, attention_mask=mask, pixel_values=video, return_loss=True).loss
+    )
     for name, value in reference.items():
         assert checkpointed[name] == pytest.approx(value, rel=1e-4, abs=1e-7), name
 

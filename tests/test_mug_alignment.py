@@ -103,7 +103,9 @@ def test_padded_token_embeddings_matter_in_full_only():
 def test_chunked_equals_unchunked(variant, chunks):
     texts, mask, frames = random_inputs(num_texts=7, num_videos=11, num_tokens=9, num_frames=4, width=16, seed=1)
     whole = mug_similarity(texts, mask, frames, variant=variant, text_chunk_size=7, video_chunk_size=11)
-    chunked = mug_similarity(texts, mask, frames, variant=variant, text_chunk_size=chunks[0], video_chunk_size=chunks[1])
+    chunked = mug_similarity(
+        texts, mask, frames, variant=variant, text_chunk_size=chunks[0], video_chunk_size=chunks[1]
+    )
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
 
 
@@ -127,7 +129,9 @@ def test_automatic_chunks_follow_the_memory_budget(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["simple", "full"])
 def test_gradients_are_exact(variant):
-    texts, mask, frames = random_inputs(num_texts=3, num_videos=2, num_tokens=4, num_frames=3, width=5, dtype=torch.float64)
+    texts, mask, frames = random_inputs(
+        num_texts=3, num_videos=2, num_tokens=4, num_frames=3, width=5, dtype=torch.float64
+    )
     texts.requires_grad_(True)
     frames.requires_grad_(True)
 

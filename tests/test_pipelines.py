@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import shared_path
-from test_readme import single_thread  # noqa: F401  (a fixture)
-from test_readme import NUM_FRAMES, tiny_processor, write_video
+from test_readme import (
+    NUM_FRAMES,
+    single_thread,  # noqa: F401  (a fixture)
+    tiny_processor,
+    write_video,
+)
 from transformers import pipeline
 
 from modeling_stan import StanForVideoClassification, StanForVideoTextRetrieval
@@ -47,7 +51,11 @@ def retrieval(tiny_clip_dir):
 @pytest.fixture(scope="module")
 def classification(tiny_clip_dir):
     model = StanForVideoClassification.from_clip_pretrained(
-        tiny_clip_dir, stan_depth=1, num_frames=NUM_FRAMES, drop_path_rate=0.0, classifier_type="class_embeddings",
+        tiny_clip_dir,
+        stan_depth=1,
+        num_frames=NUM_FRAMES,
+        drop_path_rate=0.0,
+        classifier_type="class_embeddings",
         class_names=CLASSES,
     )
     return model.eval(), tiny_processor(tiny_clip_dir)
@@ -332,7 +340,11 @@ def test_checkpoints_work_as_remote_code_in_a_fresh_process(retrieval, classific
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, "-I", str(script), str(zero_shot_dir), str(classification_dir), json.dumps(LABELS), *videos],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])

@@ -18,7 +18,7 @@ from conftest import REPO_ROOT
 from test_training import run  # one in-process runner for the training scripts' tests
 
 from modeling_stan import StanForVideoTextRetrieval
-from modeling_stan.synthetic_videos import generate_synthetic_dataset, plan_videos
+from modeling_stan.demo.synthetic_videos import generate_synthetic_dataset, plan_videos
 from modeling_stan.video_processing_stan import StanVideoProcessor
 
 
@@ -31,12 +31,24 @@ import run_retrieval  # noqa: E402
 
 SIZES = {"train": 16, "validation": 8, "test": 8}
 DATA = [
-    "--synthetic_num_train", SIZES["train"], "--synthetic_num_val", SIZES["validation"],
-    "--synthetic_num_test", SIZES["test"], "--per_device_eval_batch_size", 8, "--seed", 5,
+    "--synthetic_num_train",
+    SIZES["train"],
+    "--synthetic_num_val",
+    SIZES["validation"],
+    "--synthetic_num_test",
+    SIZES["test"],
+    "--per_device_eval_batch_size",
+    8,
+    "--seed",
+    5,
 ]
 SMALL = [*DATA, "--synthetic_samples_per_shard", 2, "--per_device_train_batch_size", 2]
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "ACCELERATE_USE_CPU": "1",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+}
 
 
 def trained_keys(dump_dir, rank: int = 0) -> list[dict]:
@@ -47,8 +59,9 @@ def trained_keys(dump_dir, rank: int = 0) -> list[dict]:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic") / "data"
-    generate_synthetic_dataset(root, num_train=SIZES["train"], num_val=SIZES["validation"], num_test=SIZES["test"],
-                               seed=5)
+    generate_synthetic_dataset(
+        root, num_train=SIZES["train"], num_val=SIZES["validation"], num_test=SIZES["test"], seed=5
+    )
     return root
 
 
@@ -56,15 +69,47 @@ def data_dir(tmp_path_factory):
 def two_process_run(tmp_path_factory, data_dir):
     """One epoch in 2 gloo processes x 2 dataloader workers: 4 streams per source, 2 shards (4 samples) each."""
     root = tmp_path_factory.mktemp("two_processes")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     steps = 2 * SIZES["train"] // (2 * 2)  # two sources, global batch 2 x 2
     completed = subprocess.run(
-        [*launch, str(REPO_ROOT / "training" / "run_pretraining.py"), *map(str, SMALL), "--data_dir", str(data_dir),
-         "--output_dir", str(root / "out"), "--dataloader_num_workers", "2", "--max_steps", str(steps),
-         "--shuffle_buffer_size", "3", "--eval_strategy", "no", "--save_strategy", "no",
-         "--debug_dump_dir", str(root / "dump")],
-        env=ENV, capture_output=True, text=True, timeout=600,
+        [
+            *launch,
+            str(REPO_ROOT / "training" / "run_pretraining.py"),
+            *map(str, SMALL),
+            "--data_dir",
+            str(data_dir),
+            "--output_dir",
+            str(root / "out"),
+            "--dataloader_num_workers",
+            "2",
+            "--max_steps",
+            str(steps),
+            "--shuffle_buffer_size",
+            "3",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--debug_dump_dir",
+            str(root / "dump"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return root
@@ -79,9 +124,14 @@ def test_shard_patterns_expand_braces_and_globs_and_name_missing_files(tmp_path)
     for name in ("a-000.tar", "a-001.tar", "a-002.tar"):
         (tmp_path / name).write_bytes(b"")
     assert pretraining_data.expand_shards(str(tmp_path / "a-{000..001}.tar")) == [
-        str(tmp_path / "a-000.tar"), str(tmp_path / "a-001.tar")]
+        str(tmp_path / "a-000.tar"),
+        str(tmp_path / "a-001.tar"),
+    ]
     assert len(pretraining_data.expand_shards(str(tmp_path / "a-*.tar"))) == 3
-    assert pretraining_data.expand_shards("https://host/b-{0..1}.tar") == ["https://host/b-0.tar", "https://host/b-1.tar"]
+    assert pretraining_data.expand_shards("https://host/b-{0..1}.tar") == [
+        "https://host/b-0.tar",
+        "https://host/b-1.tar",
+    ]
     with pytest.raises(FileNotFoundError, match="a-003.tar"):
         pretraining_data.expand_shards(str(tmp_path / "a-{002..003}.tar"))
 
@@ -118,28 +168,56 @@ def test_unreadable_samples_are_skipped_and_counted(tmp_path, data_dir):
     patterns = pretraining_data.write_synthetic_shards(tmp_path, videos, data_dir / "videos", samples_per_shard=8)
     shard = tmp_path / "videos" / "00000.tar"
     with tarfile.open(shard, "a") as tar:  # a truncated video and a video without caption
-        for name, data in (("broken.mp4", b"\x00\x00\x00 ftypisom not a video"), ("broken.txt", b"a caption"),
-                           ("nocaption.mp4", (data_dir / "videos" / "video0.mp4").read_bytes())):
+        for name, data in (
+            ("broken.mp4", b"\x00\x00\x00 ftypisom not a video"),
+            ("broken.txt", b"a caption"),
+            ("nocaption.mp4", (data_dir / "videos" / "video0.mp4").read_bytes()),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     decoder = pretraining_data.ClipDecoder(StanVideoProcessor.for_image_size(32, 4), 4, (0.5, 1.0))
-    stream = pretraining_data.ShardStream(pretraining_data.expand_shards(patterns["videos"]), index=0, num_streams=1,
-                                          epoch=0, seed=0, buffer_size=8, batch_size=3, decode=decoder)
+    stream = pretraining_data.ShardStream(
+        pretraining_data.expand_shards(patterns["videos"]),
+        index=0,
+        num_streams=1,
+        epoch=0,
+        seed=0,
+        buffer_size=8,
+        batch_size=3,
+        decode=decoder,
+    )
     batches = list(stream)
     assert sum(len(batch["keys"]) for batch in batches) == 4
     assert sum(batch["corrupt"] for batch in batches) == 2
     assert batches[0]["pixel_values"].shape == (3, 4, 3, 32, 32)
-    images = pretraining_data.ShardStream(pretraining_data.expand_shards(patterns["images"]), index=0, num_streams=1,
-                                          epoch=0, seed=0, buffer_size=8, batch_size=4, decode=decoder)
+    images = pretraining_data.ShardStream(
+        pretraining_data.expand_shards(patterns["images"]),
+        index=0,
+        num_streams=1,
+        epoch=0,
+        seed=0,
+        buffer_size=8,
+        batch_size=4,
+        decode=decoder,
+    )
     assert next(iter(images))["pixel_values"].shape == (4, 1, 3, 32, 32)  # images are 1-frame clips
 
 
 def test_a_data_position_is_refused_on_another_layout():
     def loader(num_processes, streams):
         return pretraining_data.MixedStreamLoader(
-            [pretraining_data.ShardSource("web", [], 8)], [2], make_stream=None, streams_per_process=streams,
-            num_workers=0, process_index=0, num_processes=num_processes, seed=0, tokenize=None, device="cpu")
+            [pretraining_data.ShardSource("web", [], 8)],
+            [2],
+            make_stream=None,
+            streams_per_process=streams,
+            num_workers=0,
+            process_index=0,
+            num_processes=num_processes,
+            seed=0,
+            tokenize=None,
+            device="cpu",
+        )
 
     state = loader(1, 2).state_dict()
     with pytest.raises(ValueError, match="1 process\\(es\\) x 2 stream"):
@@ -160,12 +238,16 @@ def test_two_processes_see_every_sample_of_an_epoch_exactly_once(two_process_run
         keys = [key for record in records if record["source"] == source for key in record["keys"]]
         assert sorted(keys) == sorted(f"{prefix}{i}" for i in range(SIZES["train"])), source
     # Each step takes its batch from one source, the same on both processes.
-    by_rank = [{record["batch"]: record["source"] for record in trained_keys(two_process_run / "dump", rank)}
-               for rank in (0, 1)]
+    by_rank = [
+        {record["batch"]: record["source"] for record in trained_keys(two_process_run / "dump", rank)}
+        for rank in (0, 1)
+    ]
     assert by_rank[0] == by_rank[1] and set(by_rank[0].values()) == {"videos", "images"}
     results = json.loads((two_process_run / "out" / "all_results.json").read_text())
-    assert results["train"]["sources"] == {"videos": {"samples_seen": 16, "corrupt_samples": 0},
-                                           "images": {"samples_seen": 16, "corrupt_samples": 0}}
+    assert results["train"]["sources"] == {
+        "videos": {"samples_seen": 16, "corrupt_samples": 0},
+        "images": {"samples_seen": 16, "corrupt_samples": 0},
+    }
     assert "t2v_R@1" in results["test"]
     model = StanForVideoTextRetrieval.from_pretrained(two_process_run / "out")
     assert model.config.stan_depth == 1
@@ -174,14 +256,34 @@ def test_two_processes_see_every_sample_of_an_epoch_exactly_once(two_process_run
 def test_a_killed_stream_resumes_with_the_samples_of_an_uninterrupted_run(tmp_path, data_dir):
     """Checkpoints every 3 steps; the run is killed once checkpoint-6 exists (mid-epoch: 16 steps per epoch) and
     resumed; the steps after the checkpoint train on the same samples as an uninterrupted run, across the epoch end."""
-    common = [*SMALL, "--data_dir", data_dir, "--dataloader_num_workers", 2, "--shuffle_buffer_size", 3,
-              "--max_steps", 18, "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", 3]
+    common = [
+        *SMALL,
+        "--data_dir",
+        data_dir,
+        "--dataloader_num_workers",
+        2,
+        "--shuffle_buffer_size",
+        3,
+        "--max_steps",
+        18,
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        3,
+    ]
     run(run_pretraining, tmp_path / "reference", *common, "--debug_dump_dir", tmp_path / "reference_dump")
     reference = {(r["epoch"], r["batch"]): r["keys"] for r in trained_keys(tmp_path / "reference_dump")}
 
     output = tmp_path / "out"
-    command = [sys.executable, str(REPO_ROOT / "training" / "run_pretraining.py"), "--output_dir", str(output),
-               *map(str, common)]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "training" / "run_pretraining.py"),
+        "--output_dir",
+        str(output),
+        *map(str, common),
+    ]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -192,37 +294,85 @@ def test_a_killed_stream_resumes_with_the_samples_of_an_uninterrupted_run(tmp_pa
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    run(run_pretraining, output, *common, "--resume_from_checkpoint", "latest",
-                   "--debug_dump_dir", tmp_path / "resumed_dump")
+    run(
+        run_pretraining,
+        output,
+        *common,
+        "--resume_from_checkpoint",
+        "latest",
+        "--debug_dump_dir",
+        tmp_path / "resumed_dump",
+    )
     resumed = trained_keys(tmp_path / "resumed_dump")
     assert resumed[0]["batch"] >= 6 and resumed[0]["epoch"] == 0
     assert {(r["epoch"], r["batch"]) for r in resumed} >= {(1, 0), (1, 1)}  # crossed into the next epoch
     assert {(r["epoch"], r["batch"]): r["keys"] for r in resumed} == {
-        position: keys for position, keys in reference.items() if position >= (0, resumed[0]["batch"])}
+        position: keys for position, keys in reference.items() if position >= (0, resumed[0]["batch"])
+    }
 
 
 def test_zero_shot_retrieval_from_a_post_pretrained_checkpoint(tmp_path, two_process_run, data_dir):
     checkpoint = two_process_run / "out"
-    results = run(run_retrieval, tmp_path / "eval", "--model_name_or_path", checkpoint, "--do_train",
-                             "false", "--data_dir", data_dir, *DATA)
+    results = run(
+        run_retrieval,
+        tmp_path / "eval",
+        "--model_name_or_path",
+        checkpoint,
+        "--do_train",
+        "false",
+        "--data_dir",
+        data_dir,
+        *DATA,
+    )
     assert set(results) == {"validation", "test"}
     assert 0 <= results["test"]["t2v_R@1"] <= 100 and "qbnorm_t2v_R@1" in results["test"]
     assert json.loads((tmp_path / "eval" / "all_results.json").read_text())["test"] == results["test"]
     assert not (tmp_path / "eval" / "checkpoints").exists()
     # The checkpoint's STAN fields are used; a flag contradicting them is refused.
     with pytest.raises(ValueError, match="stan_depth 3 .*checkpoint has 1"):
-        run(run_retrieval, tmp_path / "eval2", "--model_name_or_path", checkpoint, "--do_train", "false",
-                       "--data_dir", data_dir, *DATA, "--stan_depth", 3)
+        run(
+            run_retrieval,
+            tmp_path / "eval2",
+            "--model_name_or_path",
+            checkpoint,
+            "--do_train",
+            "false",
+            "--data_dir",
+            data_dir,
+            *DATA,
+            "--stan_depth",
+            3,
+        )
 
 
 def test_classification_fine_tunes_from_a_post_pretrained_checkpoint(tmp_path, two_process_run, data_dir):
     """The towers come from the dual encoder; the head is new, sized by the data's labels, of the requested type."""
-    results = run(run_classification, tmp_path / "out", "--model_name_or_path", two_process_run / "out",
-                  "--data_dir", data_dir, *DATA, "--classifier_type", "class_embeddings", "--max_steps", 1,
-                  "--per_device_train_batch_size", 4, "--eval_strategy", "no", "--save_strategy", "no")
+    results = run(
+        run_classification,
+        tmp_path / "out",
+        "--model_name_or_path",
+        two_process_run / "out",
+        "--data_dir",
+        data_dir,
+        *DATA,
+        "--classifier_type",
+        "class_embeddings",
+        "--max_steps",
+        1,
+        "--per_device_train_batch_size",
+        4,
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+    )
     assert 0 <= results["test"]["top1"] <= 100
     model = run_classification.StanForVideoClassification.from_pretrained(tmp_path / "out")
-    assert (model.config.classifier_type, model.config.num_labels, model.config.stan_depth) == ("class_embeddings", 4, 1)
+    assert (model.config.classifier_type, model.config.num_labels, model.config.stan_depth) == (
+        "class_embeddings",
+        4,
+        1,
+    )
 
 
 def test_options_of_the_command_line_and_its_config_file_count_as_given(tmp_path):
@@ -230,7 +380,8 @@ def test_options_of_the_command_line_and_its_config_file_count_as_given(tmp_path
     config.write_text("stan_depth: 2\nalignment: mug\n")
     command_line = run_pretraining.PretrainingScript.command_line
     (model, _, task, training), given = command_line.parse_with_given(
-        ["--config", str(config), "--do-train", "false", "--seed=3"])
+        ["--config", str(config), "--do-train", "false", "--seed=3"]
+    )
     assert given == {"config", "stan_depth", "alignment", "do_train", "seed"}
     # The config file read once still sets its options, under the flags.
     assert (model.stan_depth, task.alignment, training.do_train, training.seed) == (2, "mug", False, 3)

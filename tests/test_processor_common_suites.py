@@ -11,8 +11,8 @@ import pytest
 import transformers_suite
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from modeling_stan.demo.tiny_clip import build_tiny_clip_tokenizer
 from modeling_stan.processing_stan import StanProcessor
-from modeling_stan.testing_utils import build_tiny_clip_tokenizer
 from modeling_stan.video_processing_stan import StanVideoProcessor
 
 
@@ -76,13 +76,17 @@ class StanVideoProcessingTest(video_processing_common.VideoProcessingTestMixin, 
     def video_processor_dict(self):
         return self.video_processor_tester.prepare_video_processor_dict()
 
-    @pytest.mark.skip(reason="tests BaseVideoProcessor.sample_frames (torchvision-based); StanVideoProcessor samples "
-                             "while decoding, with video_io.sample_frame_indices")
+    @pytest.mark.skip(
+        reason="tests BaseVideoProcessor.sample_frames (torchvision-based); StanVideoProcessor samples "
+        "while decoding, with video_io.sample_frame_indices"
+    )
     def test_call_sample_frames(self):
         pass
 
-    @pytest.mark.skip(reason="the mixin imports the top-level AutoVideoProcessor, a placeholder without torchvision; "
-                             "tests/test_video_processing.py loads ours through AutoVideoProcessor's own module")
+    @pytest.mark.skip(
+        reason="the mixin imports the top-level AutoVideoProcessor, a placeholder without torchvision; "
+        "tests/test_video_processing.py loads ours through AutoVideoProcessor's own module"
+    )
     def test_video_processor_save_load_with_autovideoprocessor(self):
         pass
 

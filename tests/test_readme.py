@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPConfig
 
 from modeling_stan import StanForVideoClassification, StanForVideoTextRetrieval
-from modeling_stan.model_card import extract_snippets
+from modeling_stan.demo.synthetic_videos import render_clip, write_mp4
+from modeling_stan.hub.model_card import extract_snippets
 from modeling_stan.processing_stan import StanProcessor
-from modeling_stan.synthetic_videos import render_clip, write_mp4
 from modeling_stan.video_processing_stan import StanVideoProcessor
 
 

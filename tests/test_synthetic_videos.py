@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from modeling_stan.synthetic_videos import (
+from modeling_stan.demo.synthetic_videos import (
     BACKGROUND,
     COLOURS,
     DIRECTIONS,
@@ -23,7 +23,10 @@ from modeling_stan.video_io import decode_video
 
 SMALL = dict(num_train=8, num_val=4, num_test=4, num_frames=8, size=32)
 ANNOTATIONS = (
-    "metadata.csv", "msrvtt/MSRVTT_data.json", "msrvtt/MSRVTT_JSFUSION_val.csv", "msrvtt/MSRVTT_JSFUSION_test.csv"
+    "metadata.csv",
+    "msrvtt/MSRVTT_data.json",
+    "msrvtt/MSRVTT_JSFUSION_val.csv",
+    "msrvtt/MSRVTT_JSFUSION_test.csv",
 )
 
 
@@ -133,8 +136,24 @@ def test_splits_are_balanced_and_test_captions_distinct(tmp_path):
 
 
 def test_cli_writes_the_dataset(tmp_path):
-    root = main(["--output_dir", str(tmp_path / "cli"), "--num_train", "2", "--num_val", "1", "--num_test", "1",
-                 "--num_frames", "4", "--size", "16", "--seed", "5"])
+    root = main(
+        [
+            "--output_dir",
+            str(tmp_path / "cli"),
+            "--num_train",
+            "2",
+            "--num_val",
+            "1",
+            "--num_test",
+            "1",
+            "--num_frames",
+            "4",
+            "--size",
+            "16",
+            "--seed",
+            "5",
+        ]
+    )
     assert len(list((root / "videos").glob("*.mp4"))) == 4
     assert (root / "msrvtt/MSRVTT_JSFUSION_val.csv").read_text().count("\n") == 2
 

@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import REPO_ROOT, tiny_stan_config
 
 from modeling_stan import StanForVideoTextRetrieval
-from modeling_stan.synthetic_videos import generate_synthetic_dataset
+from modeling_stan.demo.synthetic_videos import generate_synthetic_dataset
 
 
 sys.path.insert(0, str(REPO_ROOT / "training"))
@@ -38,16 +38,40 @@ from stan_checkpointing import CheckpointManager, RerunError, choose_checkpoint 
 
 SIZES = {"train": 16, "validation": 8, "test": 8}
 SMALL = [
-    "--synthetic_num_train", SIZES["train"], "--synthetic_num_val", SIZES["validation"],
-    "--synthetic_num_test", SIZES["test"], "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 8,
+    "--synthetic_num_train",
+    SIZES["train"],
+    "--synthetic_num_val",
+    SIZES["validation"],
+    "--synthetic_num_test",
+    SIZES["test"],
+    "--per_device_train_batch_size",
+    8,
+    "--per_device_eval_batch_size",
+    8,
 ]
 # Constant learning rate after a 4-step warm-up, so that stopping at --max_steps 3 does not change the schedule of
 # the steps before it; drop path on (in the second STAN layer), so that the restored RNG state matters; validation
 # and checkpoints in between.
 RESUMABLE = [
-    *SMALL, "--seed", 3, "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", 4,
-    "--stan_depth", 2, "--drop_path_rate", 0.2,
-    "--eval_strategy", "steps", "--eval_steps", 2, "--save_strategy", "steps", "--save_steps", 2,
+    *SMALL,
+    "--seed",
+    3,
+    "--lr_scheduler_type",
+    "constant_with_warmup",
+    "--warmup_steps",
+    4,
+    "--stan_depth",
+    2,
+    "--drop_path_rate",
+    0.2,
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    2,
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    2,
 ]
 
 
@@ -107,8 +131,17 @@ def resumable_data_dir(tmp_path_factory, data_dir):
 def reference_run(tmp_path_factory, resumable_data_dir):
     """An uninterrupted 6-step run: its per-step losses, final weight hash (`dump`) and `all_results.json`."""
     folder = tmp_path_factory.mktemp("reference")
-    run(run_retrieval, folder / "out", *RESUMABLE, "--data_dir", resumable_data_dir, "--max_steps", 6,
-        "--debug_dump_dir", folder / "dump")
+    run(
+        run_retrieval,
+        folder / "out",
+        *RESUMABLE,
+        "--data_dir",
+        resumable_data_dir,
+        "--max_steps",
+        6,
+        "--debug_dump_dir",
+        folder / "dump",
+    )
     return {"dump": dump(folder / "dump"), "results": results_file(folder / "out")}
 
 
@@ -130,18 +163,22 @@ def test_parameter_groups_follow_the_authors_recipe():
 
     assert group_of["vision_model.stan.layers.0.temporal.temporal_fc.weight"] == (1e-4, 0.05)
     assert group_of["vision_model.stan.layers.1.spatial.mlp.fc1.weight"] == (1e-4, 0.05)
-    for stan_no_decay in ("vision_model.stan.layers.0.temporal.temporal_fc.bias",
-                          "vision_model.stan.layers.0.spatial.layer_norm1.weight",
-                          "vision_model.stan.time_embedding.weight"):
+    for stan_no_decay in (
+        "vision_model.stan.layers.0.temporal.temporal_fc.bias",
+        "vision_model.stan.layers.0.spatial.layer_norm1.weight",
+        "vision_model.stan.time_embedding.weight",
+    ):
         assert group_of[stan_no_decay] == (1e-4, 0.0), stan_no_decay
     assert group_of["vision_model.encoder.layers.0.self_attn.q_proj.weight"] == (1e-5, 0.05)
     assert group_of["visual_projection.weight"] == (1e-5, 0.05)
-    for clip_no_decay in ("vision_model.encoder.layers.0.self_attn.q_proj.bias",
-                          "vision_model.post_layernorm.weight",
-                          "vision_model.embeddings.class_embedding",
-                          "vision_model.embeddings.position_embedding.weight",
-                          "text_model.embeddings.token_embedding.weight",
-                          "logit_scale"):
+    for clip_no_decay in (
+        "vision_model.encoder.layers.0.self_attn.q_proj.bias",
+        "vision_model.post_layernorm.weight",
+        "vision_model.embeddings.class_embedding",
+        "vision_model.embeddings.position_embedding.weight",
+        "text_model.embeddings.token_embedding.weight",
+        "logit_scale",
+    ):
         assert group_of[clip_no_decay] == (1e-5, 0.0), clip_no_decay
     # Frozen parameters are not handed to the optimiser; every trainable one is, once.
     assert "text_projection.weight" not in group_of
@@ -156,8 +193,10 @@ def retrieval_command_line(**recipe_defaults) -> ScriptCommandLine:
 def test_config_file_then_flags_override(tmp_path):
     config = tmp_path / "recipe.yaml"
     # YAML reads 2e-5 as a string: it must still become a float, as the same flag would.
-    config.write_text("learning_rate: 2e-5\nnum_frames: 12\nrandom_resized_crop_scale: [0.5, 1.0]\n"
-                      "gradient_checkpointing: true\nalignment: mug\n")
+    config.write_text(
+        "learning_rate: 2e-5\nnum_frames: 12\nrandom_resized_crop_scale: [0.5, 1.0]\n"
+        "gradient_checkpointing: true\nalignment: mug\n"
+    )
     model, data, retrieval, training = retrieval_command_line(num_frames=4, learning_rate=1.0).parse(
         ["--config", str(config), "--num_frames", "16"]
     )
@@ -167,14 +206,17 @@ def test_config_file_then_flags_override(tmp_path):
     assert model.gradient_checkpointing is True and retrieval.alignment == "mug"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--config", "{tmp}/unknown.yaml"], r"unknown\.yaml.*learning_rat"),
-    (["--config", "{tmp}/wrong.json"], r"wrong\.json.*num_frames"),
-    (["--config", "{tmp}/missing.yaml"], r"missing\.yaml: no such file"),
-    (["--eval_strategy", "sometimes"], r"--eval_strategy.*invalid choice: 'sometimes'"),
-    (["--eval_strategy", "steps"], r"--eval_strategy steps needs --eval_steps > 0"),
-    (["--learning_rat", "1"], r"not used by the HfArgumentParser: \['--learning_rat', '1'\]"),  # no abbreviations
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "{tmp}/unknown.yaml"], r"unknown\.yaml.*learning_rat"),
+        (["--config", "{tmp}/wrong.json"], r"wrong\.json.*num_frames"),
+        (["--config", "{tmp}/missing.yaml"], r"missing\.yaml: no such file"),
+        (["--eval_strategy", "sometimes"], r"--eval_strategy.*invalid choice: 'sometimes'"),
+        (["--eval_strategy", "steps"], r"--eval_strategy steps needs --eval_steps > 0"),
+        (["--learning_rat", "1"], r"not used by the HfArgumentParser: \['--learning_rat', '1'\]"),  # no abbreviations
+    ],
+)
 def test_bad_options_exit_with_a_message_naming_them(tmp_path, capsys, argv, message):
     (tmp_path / "unknown.yaml").write_text("learning_rat: 1.0\n")
     (tmp_path / "wrong.json").write_text('{"num_frames": "eight"}')
@@ -187,8 +229,11 @@ def test_bad_options_exit_with_a_message_naming_them(tmp_path, capsys, argv, mes
 @pytest.mark.parametrize("config", sorted((REPO_ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_recipe_configs_parse(config):
     dataset = yaml.safe_load(config.read_text())["dataset"]
-    script = next(script for script in (run_retrieval.RetrievalScript, run_classification.ClassificationScript)
-                  if dataset in script.command_line.dataset_formats)
+    script = next(
+        script
+        for script in (run_retrieval.RetrievalScript, run_classification.ClassificationScript)
+        if dataset in script.command_line.dataset_formats
+    )
     if "pretrain" in config.stem:
         script = run_pretraining.PretrainingScript
     model, _, _, training = script.command_line.parse(["--config", str(config)])
@@ -224,7 +269,11 @@ def test_checkpoint_manager_keeps_the_last_ones_and_the_best(tmp_path):
         manager.save(step, protected_step=1)
     assert manager.steps() == [1, 3, 4]
     assert choose_checkpoint(manager, "latest").checkpoint == tmp_path / "checkpoints" / "checkpoint-4"
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "checkpoint-1",
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
     assert (manager.path(4) / "model.safetensors").is_file()
     with pytest.raises(RerunError, match="nowhere"):
         choose_checkpoint(manager, str(tmp_path / "nowhere"))
@@ -261,13 +310,21 @@ def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, resu
     assert resumed["samples"] == reference["samples"] == 48  # 6 steps x 8
 
 
-def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, resumable_data_dir, reference_run,
-                                                                          caplog):
+def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(
+    tmp_path, resumable_data_dir, reference_run, caplog
+):
     output, dump_dir = tmp_path / "out", tmp_path / "dump"
     common = [*RESUMABLE, "--data_dir", resumable_data_dir, "--debug_dump_dir", dump_dir, "--max_steps", 6]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(REPO_ROOT / "training" / "run_retrieval.py"), "--output_dir", str(output),
-               *map(str, common), "--debug_checkpoint_write_delay", "0.3"]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "training" / "run_retrieval.py"),
+        "--output_dir",
+        str(output),
+        *map(str, common),
+        "--debug_checkpoint_write_delay",
+        "0.3",
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     in_flight = output / "checkpoints" / ".tmp-checkpoint-4"
     try:
@@ -322,18 +379,38 @@ def test_corrupt_videos_are_skipped_and_counted(tmp_path, data_dir):
     assert not any(name.startswith("qbnorm") for name in saved["validation"])
 
 
-@pytest.mark.parametrize("unreadable, message", [
-    (range(SIZES["train"]), r"Epoch 0: none of the 32 training samples could be decoded"),
-    (range(6), r"Epoch 0: only 20 of 32 training samples \(62%\) could be decoded, below "
-               r"--min_usable_sample_fraction 0.8"),
-], ids=["all", "most"])
-def test_a_run_without_enough_usable_training_videos_fails(tmp_path, data_dir, monkeypatch, caplog, unreadable,
-                                                           message):
+@pytest.mark.parametrize(
+    "unreadable, message",
+    [
+        (range(SIZES["train"]), r"Epoch 0: none of the 32 training samples could be decoded"),
+        (
+            range(6),
+            r"Epoch 0: only 20 of 32 training samples \(62%\) could be decoded, below "
+            r"--min_usable_sample_fraction 0.8",
+        ),
+    ],
+    ids=["all", "most"],
+)
+def test_a_run_without_enough_usable_training_videos_fails(
+    tmp_path, data_dir, monkeypatch, caplog, unreadable, message
+):
     data = corrupt_copy(data_dir, tmp_path / "data", unreadable)
     output = tmp_path / "out"
     # As `python training/run_retrieval.py ...` runs it: a non-zero exit and the reason, no traceback.
-    monkeypatch.setattr(sys, "argv", ["run_retrieval.py", "--output_dir", str(output), *map(str, SMALL),
-                                      "--data_dir", str(data), "--num_train_epochs", "1"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "run_retrieval.py",
+            "--output_dir",
+            str(output),
+            *map(str, SMALL),
+            "--data_dir",
+            str(data),
+            "--num_train_epochs",
+            "1",
+        ],
+    )
     _reset_accelerate()
     with pytest.raises(SystemExit) as exit:
         run_retrieval.RetrievalScript().run_from_command_line()
@@ -354,8 +431,13 @@ def test_running_the_same_command_again_re_exports_a_finished_run(tmp_path, data
         first = run(run_retrieval, output, *command)
     # The demo's values, as --help shows them (tests/test_training_cli.py), flags applied.
     settings = re.search(r"Demo settings \(no --model_name_or_path\): (.*)", caplog.text).group(1).split()
-    assert {"stan_depth=1", "num_frames=8", "fixed_logit_scale=unset", "learning_rate=0.001",
-            "per_device_train_batch_size=8"} <= set(settings)
+    assert {
+        "stan_depth=1",
+        "num_frames=8",
+        "fixed_logit_scale=unset",
+        "learning_rate=0.001",
+        "per_device_train_batch_size=8",
+    } <= set(settings)
     caplog.clear()
     with caplog.at_level("INFO"):
         second = run(run_retrieval, output, *command)
@@ -363,36 +445,84 @@ def test_running_the_same_command_again_re_exports_a_finished_run(tmp_path, data
     assert second["test"] == first["test"] and second["train"]["steps"] == 2
     assert second["validation"] == first["validation"] and "t2v_R@1" in first["validation"]
     assert (output / "model.safetensors").is_file()
-    with pytest.raises(RerunError, match=r"other arguments \(learning_rate: 0\.001 there, 0\.002 here\).*"
-                                         r"--overwrite_output_dir"):
+    with pytest.raises(
+        RerunError,
+        match=r"other arguments \(learning_rate: 0\.001 there, 0\.002 here\).*"
+        r"--overwrite_output_dir",
+    ):
         run(run_retrieval, output, *command, "--learning_rate", 0.002)
-    assert run(run_retrieval, output, *command, "--learning_rate", 0.002, "--overwrite_output_dir")["train"]["steps"] == 2
+    assert (
+        run(run_retrieval, output, *command, "--learning_rate", 0.002, "--overwrite_output_dir")["train"]["steps"] == 2
+    )
 
 
 def test_classification_with_multi_view_testing(tmp_path, data_dir):
-    results = run(run_classification, tmp_path / "out", *SMALL, "--data_dir", data_dir, "--max_steps", 2,
-                  "--num_test_clips", 2, "--num_test_crops", 3, "--eval_strategy", "no", "--save_strategy", "no")
+    results = run(
+        run_classification,
+        tmp_path / "out",
+        *SMALL,
+        "--data_dir",
+        data_dir,
+        "--max_steps",
+        2,
+        "--num_test_clips",
+        2,
+        "--num_test_crops",
+        3,
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+    )
     # 8 test videos x 6 views each, averaged back to one prediction per video.
     assert results["test"]["corrupt_videos"] == 0.0
     assert results["test"]["top1"] in {100 * k / 8 for k in range(9)}
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["id2label"] == {"0": "bottom_to_top", "1": "left_to_right", "2": "right_to_left", "3": "top_to_bottom"}
+    assert config["id2label"] == {
+        "0": "bottom_to_top",
+        "1": "left_to_right",
+        "2": "right_to_left",
+        "3": "top_to_bottom",
+    }
 
 
 def test_nonfinite_loss_skips_the_step_then_stops_the_run(tmp_path, data_dir):
     dump_dir = tmp_path / "dump"
     common = [*SMALL, "--data_dir", data_dir, "--eval_strategy", "no", "--save_strategy", "no"]
-    results = run(run_retrieval, tmp_path / "once", *common, "--max_steps", 3, "--debug_nonfinite_steps", 2,
-                  "--debug_dump_dir", dump_dir)
+    results = run(
+        run_retrieval,
+        tmp_path / "once",
+        *common,
+        "--max_steps",
+        3,
+        "--debug_nonfinite_steps",
+        2,
+        "--debug_dump_dir",
+        dump_dir,
+    )
     attempts = [r for r in dump(dump_dir) if "attempt" in r]
     # The second attempt is refused; it is not a step, so a fourth attempt makes the third step.
     assert [(r["attempt"], r["step"], r["applied"]) for r in attempts] == [
-        (1, 1, True), (2, 1, False), (3, 2, True), (4, 3, True)]
+        (1, 1, True),
+        (2, 1, False),
+        (3, 2, True),
+        (4, 3, True),
+    ]
     assert results["train"]["steps"] == 3 and results["train"]["nonfinite_steps"] == 1
 
     with pytest.raises(stan_training.NonFiniteLossError, match=r"Step 2: non-finite loss.*Stopping"):
-        run(run_retrieval, tmp_path / "twice", *common, "--max_steps", 4, "--debug_nonfinite_steps", 2, 3,
-            "--max_nonfinite_steps", 2)
+        run(
+            run_retrieval,
+            tmp_path / "twice",
+            *common,
+            "--max_steps",
+            4,
+            "--debug_nonfinite_steps",
+            2,
+            3,
+            "--max_nonfinite_steps",
+            2,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -421,15 +551,28 @@ def assert_next_command_runs(script_class, output_dir, data_dir, expected_text):
 
 def test_retrieval_demo_learns_far_above_chance(tmp_path, demo_data_dir):
     """The default job (tiny random CLIP, 160/40/40 synthetic videos), 3 of its 12 epochs, no validation."""
-    results = run(run_retrieval, tmp_path / "out", "--data_dir", demo_data_dir, "--num_train_epochs", 3,
-                  "--eval_strategy", "no", "--save_strategy", "no")
+    results = run(
+        run_retrieval,
+        tmp_path / "out",
+        "--data_dir",
+        demo_data_dir,
+        "--num_train_epochs",
+        3,
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+    )
     chance = 100 / 40  # R@1 of a random ranking of the 40 test videos, in percent
     assert results["test"]["t2v_R@1"] >= 3 * chance
     assert results["test"]["v2t_R@1"] >= 3 * chance
     for name in ("config.json", "model.safetensors", "processor_config.json", "all_results.json", "README.md"):
         assert (tmp_path / "out" / name).is_file(), name
     # A trained dual encoder carries the zero-shot pipeline as remote code.
-    assert "zero-shot-video-classification" in json.loads((tmp_path / "out" / "config.json").read_text())["custom_pipelines"]
+    assert (
+        "zero-shot-video-classification"
+        in json.loads((tmp_path / "out" / "config.json").read_text())["custom_pipelines"]
+    )
     assert_next_command_runs(run_retrieval.RetrievalScript, tmp_path / "out", demo_data_dir, "label")
 
 
@@ -437,8 +580,18 @@ def test_classification_demo_learns_far_above_chance(tmp_path, demo_data_dir):
     """The default job, 40 of its 60 epochs (about a minute on 2 idle cores; it runs in CI, which has the machine to
     itself): a random CLIP needs about 300 steps to leave its initial plateau on this task, so no shorter run shows
     it learning."""
-    results = run(run_classification, tmp_path / "out", "--data_dir", demo_data_dir, "--num_train_epochs", 40,
-                  "--eval_strategy", "no", "--save_strategy", "no")
+    results = run(
+        run_classification,
+        tmp_path / "out",
+        "--data_dir",
+        demo_data_dir,
+        "--num_train_epochs",
+        40,
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+    )
     chance = 100 / 4  # four motion directions
     assert results["test"]["top1"] >= 2 * chance
     assert_next_command_runs(run_classification.ClassificationScript, tmp_path / "out", demo_data_dir, "label")

@@ -46,7 +46,9 @@ def shown_value(value) -> str:
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("argv", [[], ["--model_name_or_path", "openai/clip-vit-base-patch32"]], ids=["demo", "recipe"])
+@pytest.mark.parametrize(
+    "argv", [[], ["--model_name_or_path", "openai/clip-vit-base-patch32"]], ids=["demo", "recipe"]
+)
 def test_help_shows_the_defaults_the_run_uses(script, argv, capsys):
     command_line = SCRIPTS[script]
     options = shown_options(help_text(command_line, argv, capsys))
@@ -74,29 +76,36 @@ def test_help_names_the_other_set_of_defaults_and_lists_choices(capsys):
 
 
 def test_help_answers_before_torch_is_imported():
-    code = ("import runpy, sys\n"
-            "sys.argv = ['run_retrieval.py', '--help']\n"
-            "try:\n    runpy.run_path('training/run_retrieval.py', run_name='__main__')\n"
-            "except SystemExit as exit:\n    assert exit.code == 0\n"
-            "print(sorted(m for m in ('torch', 'datasets', 'modeling_stan', 'accelerate') if m in sys.modules))")
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['run_retrieval.py', '--help']\n"
+        "try:\n    runpy.run_path('training/run_retrieval.py', run_name='__main__')\n"
+        "except SystemExit as exit:\n    assert exit.code == 0\n"
+        "print(sorted(m for m in ('torch', 'datasets', 'modeling_stan', 'accelerate') if m in sys.modules))"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "training"), str(REPO_ROOT)])}
-    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                               timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.filterwarnings("ignore:Port .* is already in use")  # another run on this machine holds 29500
-@pytest.mark.parametrize("config, expected", [
-    ("single_process", {"num_processes": 1, "num_machines": 1, "multi_gpu": False, "use_fsdp": False}),
-    ("multi_node_ddp", {"num_processes": 16, "num_machines": 2, "multi_gpu": True, "main_process_port": 29500}),
-    ("fsdp", {"num_processes": 8, "num_machines": 1, "use_fsdp": True, "mixed_precision": "bf16"}),
-])
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ("single_process", {"num_processes": 1, "num_machines": 1, "multi_gpu": False, "use_fsdp": False}),
+        ("multi_node_ddp", {"num_processes": 16, "num_machines": 2, "multi_gpu": True, "main_process_port": 29500}),
+        ("fsdp", {"num_processes": 8, "num_machines": 1, "use_fsdp": True, "mixed_precision": "bf16"}),
+    ],
+)
 def test_accelerate_configs_parse_as_accelerate_launch_reads_them(config, expected, caplog):
     """What `accelerate launch --config_file CONFIG training/run_retrieval.py` makes of the file, up to starting the
     processes (which needs the GPUs and machines)."""
     args = launch_command_parser().parse_args(
-        ["--config_file", str(ACCELERATE_CONFIGS / f"{config}.yaml"), "training/run_retrieval.py"])
+        ["--config_file", str(ACCELERATE_CONFIGS / f"{config}.yaml"), "training/run_retrieval.py"]
+    )
     with caplog.at_level(logging.WARNING):
         args, _, _ = _validate_launch_command(args)
     assert "were not passed" not in caplog.text  # every value accelerate would warn about is in the file

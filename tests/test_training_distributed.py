@@ -17,7 +17,7 @@ from conftest import REPO_ROOT
 from safetensors.torch import load_file
 
 from modeling_stan import StanForVideoTextRetrieval
-from modeling_stan.synthetic_videos import generate_synthetic_dataset
+from modeling_stan.demo.synthetic_videos import generate_synthetic_dataset
 
 
 sys.path.insert(0, str(REPO_ROOT / "training"))
@@ -29,9 +29,28 @@ STEPS = 3
 # never improves) makes step 1 the best and so not the last.
 BEST_STEP = 1
 COMMON = [
-    "--synthetic_num_train", 16, "--synthetic_num_val", 8, "--synthetic_num_test", 8, "--seed", 1,
-    "--alignment", "mug", "--max_steps", STEPS, "--eval_strategy", "steps", "--eval_steps", 1,
-    "--save_strategy", "steps", "--save_steps", 1, "--metric_for_best_model", "corrupt_videos",
+    "--synthetic_num_train",
+    16,
+    "--synthetic_num_val",
+    8,
+    "--synthetic_num_test",
+    8,
+    "--seed",
+    1,
+    "--alignment",
+    "mug",
+    "--max_steps",
+    STEPS,
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    1,
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    1,
+    "--metric_for_best_model",
+    "corrupt_videos",
 ]
 
 
@@ -47,30 +66,81 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     data_dir = generate_synthetic_dataset(root / "data", num_train=16, num_val=8, num_test=8, seed=1)
     flags = [*map(str, COMMON), "--data_dir", str(data_dir)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     two = subprocess.run(
-        [*launch, str(REPO_ROOT / "training" / "run_retrieval.py"), *flags, "--output_dir", str(root / "two"),
-         "--per_device_train_batch_size", "4", "--debug_dump_dir", str(root / "two_dump")],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            *launch,
+            str(REPO_ROOT / "training" / "run_retrieval.py"),
+            *flags,
+            "--output_dir",
+            str(root / "two"),
+            "--per_device_train_batch_size",
+            "4",
+            "--debug_dump_dir",
+            str(root / "two_dump"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     print(f"two-process run: exit {two.returncode}", flush=True)
     assert two.returncode == 0, two.stderr[-4000:]
     # The same two processes with the authors' gradient scale (their gather keeps only the local slice).
     local = subprocess.run(
-        [*launch, str(REPO_ROOT / "training" / "run_retrieval.py"), *flags, "--output_dir", str(root / "two_local"),
-         "--per_device_train_batch_size", "4", "--debug_dump_dir", str(root / "two_local_dump"),
-         "--gather_gradient", "local", "--max_steps", "1"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            *launch,
+            str(REPO_ROOT / "training" / "run_retrieval.py"),
+            *flags,
+            "--output_dir",
+            str(root / "two_local"),
+            "--per_device_train_batch_size",
+            "4",
+            "--debug_dump_dir",
+            str(root / "two_local_dump"),
+            "--gather_gradient",
+            "local",
+            "--max_steps",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert local.returncode == 0, local.stderr[-4000:]
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    run_retrieval.main([*flags, "--output_dir", str(root / "one"), "--per_device_train_batch_size", "8",
-                        "--debug_dump_dir", str(root / "one_dump")])
+    run_retrieval.main(
+        [
+            *flags,
+            "--output_dir",
+            str(root / "one"),
+            "--per_device_train_batch_size",
+            "8",
+            "--debug_dump_dir",
+            str(root / "one_dump"),
+        ]
+    )
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     return root

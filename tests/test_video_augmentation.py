@@ -26,7 +26,9 @@ def test_hue_rotation_through_hsv():
     torch.testing.assert_close(_shift_hue(rgb, torch.zeros(4, 1, 1)), rgb, atol=1e-5, rtol=0)
     red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
     third = torch.full((1, 1, 1), 1 / 3)
-    torch.testing.assert_close(_shift_hue(red, third), torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        _shift_hue(red, third), torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1), atol=1e-5, rtol=0
+    )
 
 
 def test_grayscale_is_luma_in_every_channel():

@@ -15,8 +15,7 @@ import pytest
 import torch
 from datasets import ClassLabel
 
-from modeling_stan.synthetic_videos import DIRECTIONS, generate_synthetic_dataset
-from modeling_stan.video_datasets import (
+from modeling_stan.data.video_datasets import (
     RETRIEVAL_FEATURES,
     AnnotationError,
     CorruptSampleCounter,
@@ -36,6 +35,7 @@ from modeling_stan.video_datasets import (
     make_decode_transform,
     unique_video_rows,
 )
+from modeling_stan.demo.synthetic_videos import DIRECTIONS, generate_synthetic_dataset
 from modeling_stan.video_processing_stan import StanVideoProcessor
 
 
@@ -100,9 +100,7 @@ def test_msrvtt_rejects_unknown_split_and_split_with_csv(tmp_path):
 
 
 def test_didemo_joins_descriptions_per_video(tmp_path):
-    videos = _videos(
-        tmp_path, ["10012345@N04_2345678901_abcdef1234.mp4", "20098765@N00_3456789012_0123456789.mp4"]
-    )
+    videos = _videos(tmp_path, ["10012345@N04_2345678901_abcdef1234.mp4", "20098765@N00_3456789012_0123456789.mp4"])
     dataset = load_didemo(FIXTURES / "didemo/train_data.json", videos, video_ext=".mp4")
     assert dataset["video_id"] == ["10012345@N04_2345678901_abcdef1234.mov", "20098765@N00_3456789012_0123456789.avi"]
     assert dataset["caption"][0] == "a dog jumps into the water the camera pans to the left the dog swims back"
@@ -169,7 +167,9 @@ def test_kinetics_file_names_and_sorted_labels(tmp_path):
     dataset = load_kinetics(FIXTURES / "kinetics/train.csv", videos)
     assert dataset.features["label"].names == ["abseiling", "air drumming", "passing American football (in game)"]
     assert dataset["video_id"] == [
-        "---QUuC4vJs_000003_000013", "--nQbRBEz2s_000104_000114", "-0O4Znnq0zs_000000_000010"
+        "---QUuC4vJs_000003_000013",
+        "--nQbRBEz2s_000104_000114",
+        "-0O4Znnq0zs_000000_000010",
     ]
     assert _classes(dataset) == ["abseiling", "air drumming", "passing American football (in game)"]
     assert build_report(dataset).num_missing_videos == 1

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from test_readme import NUM_FRAMES, tiny_processor
-from test_video_io import encode_video, numbered_frames
+from test_video_io import numbered_frames
 
 from modeling_stan import StanForVideoTextRetrieval
 from modeling_stan.pipeline_zero_shot_video_classification import TASK, ZeroShotVideoClassificationPipeline
@@ -199,7 +199,11 @@ def test_four_4k_videos_add_little_peak_memory(tmp_path, num_frames, limit_gib):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(num_frames), *map(str, paths)],
-        env=env, capture_output=True, text=True, check=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["shape"] == [4, num_frames, 3, 224, 224]

@@ -25,8 +25,20 @@ def numbered_frames(count: int, height: int = 48, width: int = 64) -> np.ndarray
     return frames
 
 
-def encode_video(path, frames, *, codec="libx264", fps=25, pix_fmt="yuv420p", options=None, input_format="rgb24",
-                 container_format=None, container_options=None, rotation=None, pts=None):
+def encode_video(
+    path,
+    frames,
+    *,
+    codec="libx264",
+    fps=25,
+    pix_fmt="yuv420p",
+    options=None,
+    input_format="rgb24",
+    container_format=None,
+    container_options=None,
+    rotation=None,
+    pts=None,
+):
     """Encode `frames` with PyAV; `pts` (milliseconds, optional) gives each frame its own time (variable rate)."""
     with av.open(str(path), "w", format=container_format, options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=fps, options=options or {})
@@ -70,12 +82,22 @@ REAL_VIDEO_CASES = [
     ("test.mp4", "uniform", {}, [18, 55, 93, 130, 168, 205, 242, 280]),
     ("test.mp4", "dense", {}, [136, 140, 144, 148, 152, 156, 160, 164]),
     ("test.mp4", "fps", {"target_fps": 2.0}, [97, 112, 127, 142, 157, 172, 187, 202]),
-    ("test.mp4", "uniform", {"num_clips": 3}, [[9, 46, 84, 121, 159, 196, 233, 271],
-                                               [18, 55, 93, 130, 168, 205, 242, 280],
-                                               [28, 65, 103, 140, 178, 215, 252, 290]]),
-    ("test.mp4", "dense", {"num_clips": 3, "frame_stride": 8}, [[40 + 8 * i for i in range(8)],
-                                                                 [122 + 8 * i for i in range(8)],
-                                                                 [203 + 8 * i for i in range(8)]]),
+    (
+        "test.mp4",
+        "uniform",
+        {"num_clips": 3},
+        [
+            [9, 46, 84, 121, 159, 196, 233, 271],
+            [18, 55, 93, 130, 168, 205, 242, 280],
+            [28, 65, 103, 140, 178, 215, 252, 290],
+        ],
+    ),
+    (
+        "test.mp4",
+        "dense",
+        {"num_clips": 3, "frame_stride": 8},
+        [[40 + 8 * i for i in range(8)], [122 + 8 * i for i in range(8)], [203 + 8 * i for i in range(8)]],
+    ),
     ("test.avi", "uniform", {}, [10, 30, 51, 71, 92, 112, 132, 153]),
     ("test.avi", "dense", {}, [68, 72, 76, 80, 84, 88, 92, 96]),
     ("test.avi", "fps", {"target_fps": 2.0}, [37, 50, 62, 75, 87, 100, 112, 125]),
@@ -155,16 +177,25 @@ def test_sparse_samples_seek_instead_of_decoding_everything(tmp_path, monkeypatc
     ],
 )
 def test_other_containers_match_full_decode(tmp_path, suffix, codec, options, container_format):
-    path = encode_video(tmp_path / f"video.{suffix}", numbered_frames(40), codec=codec, options=options,
-                        container_format=container_format)
+    path = encode_video(
+        tmp_path / f"video.{suffix}",
+        numbered_frames(40),
+        codec=codec,
+        options=options,
+        container_format=container_format,
+    )
     frames, metadata = decode_video(path, 1, "dense", num_clips=40, frame_stride=1)
     assert metadata.total_frames == 40 and metadata.frame_count_exact
     np.testing.assert_array_equal(frames[:, 0], full_decode(path))
 
 
 def test_webm_vp9_without_frame_count_is_counted(tmp_path):
-    path = encode_video(tmp_path / "video.webm", numbered_frames(45), codec="libvpx-vp9",
-                        options={"deadline": "realtime", "cpu-used": "8", "g": "10"})
+    path = encode_video(
+        tmp_path / "video.webm",
+        numbered_frames(45),
+        codec="libvpx-vp9",
+        options={"deadline": "realtime", "cpu-used": "8", "g": "10"},
+    )
     with av.open(str(path)) as container:
         assert container.streams.video[0].frames == 0  # the header gives no frame count
     frames, metadata = decode_video(path, 8, "uniform")
@@ -330,8 +361,12 @@ def broken_files(tmp_path, gop_video):
     data = gop_video.read_bytes()
     files["truncated (index at the end lost)"] = tmp_path / "truncated.mp4"
     files["truncated (index at the end lost)"].write_bytes(data[: len(data) // 2])
-    faststart = encode_video(tmp_path / "faststart.mp4", numbered_frames(60), options=GOP_OPTIONS,
-                             container_options={"movflags": "faststart"})
+    faststart = encode_video(
+        tmp_path / "faststart.mp4",
+        numbered_frames(60),
+        options=GOP_OPTIONS,
+        container_options={"movflags": "faststart"},
+    )
     files["truncated (frames missing)"] = tmp_path / "truncated_faststart.mp4"
     files["truncated (frames missing)"].write_bytes(faststart.read_bytes()[: len(faststart.read_bytes()) * 2 // 3])
     files["corrupt"] = tmp_path / "corrupt.mp4"

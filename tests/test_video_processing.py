@@ -17,8 +17,8 @@ from transformers import AutoProcessor
 from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
 from modeling_stan import StanConfig
+from modeling_stan.demo.tiny_clip import build_tiny_clip_tokenizer
 from modeling_stan.processing_stan import StanProcessor
-from modeling_stan.testing_utils import build_tiny_clip_tokenizer
 from modeling_stan.video_processing_stan import StanVideoProcessor, StanVideoProcessorKwargs
 
 
@@ -30,8 +30,9 @@ CAPTIONS = ["a red square moves from left to right", "a blue circle"]
 
 @pytest.fixture(scope="module")
 def video_path(tmp_path_factory):
-    return encode_video(tmp_path_factory.mktemp("videos") / "video.mp4", numbered_frames(30, 48, 64),
-                        options={"g": "6", "bf": "2"})
+    return encode_video(
+        tmp_path_factory.mktemp("videos") / "video.mp4", numbered_frames(30, 48, 64), options={"g": "6", "bf": "2"}
+    )
 
 
 @pytest.fixture
@@ -281,15 +282,22 @@ def test_for_image_size():
 
 @pytest.fixture
 def stan_processor():
-    return StanProcessor(video_processor=StanVideoProcessor(num_frames=4, size=32, crop_size=32),
-                         tokenizer=build_tiny_clip_tokenizer())
+    return StanProcessor(
+        video_processor=StanVideoProcessor(num_frames=4, size=32, crop_size=32), tokenizer=build_tiny_clip_tokenizer()
+    )
 
 
 def test_processor_combines_text_and_videos(stan_processor, video_path):
     # One token more than the short caption needs: the long caption is truncated, the short one padded.
     max_length = len(stan_processor.tokenizer(CAPTIONS[1])["input_ids"]) + 1
-    output = stan_processor(text=CAPTIONS, videos=[video_path, video_path], return_tensors="pt", padding="max_length",
-                            truncation=True, max_length=max_length)
+    output = stan_processor(
+        text=CAPTIONS,
+        videos=[video_path, video_path],
+        return_tensors="pt",
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+    )
     assert set(output) == {"input_ids", "attention_mask", "pixel_values"}
     assert output["input_ids"].shape == output["attention_mask"].shape == (2, max_length)
     assert output["pixel_values"].shape == (2, 4, 3, 32, 32)
@@ -369,7 +377,10 @@ def test_remote_code_processor_loads_in_a_fresh_process(tmp_path, stan_processor
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
     subprocess.run(
         [sys.executable, "-I", str(script), str(directory), str(video_path), str(tmp_path / "out.pt"), *CAPTIONS],
-        cwd=tmp_path, env=env, check=True, capture_output=True,
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
     )
     expected = stan_processor(text=CAPTIONS, videos=[video_path] * 2, return_tensors="pt", padding=True)
     got = torch.load(tmp_path / "out.pt")

@@ -17,10 +17,10 @@ import torch
 from test_readme import NUM_FRAMES, single_thread, tiny_processor  # noqa: F401  (single_thread: a fixture)
 
 from modeling_stan import StanForVideoClassification, StanForVideoTextRetrieval
-from modeling_stan.synthetic_videos import generate_synthetic_dataset
-from modeling_stan import video_search
-from modeling_stan.video_index import EmbeddedVideo, IndexSettings, IndexStore, VideoFile
-from modeling_stan.video_search import (
+from modeling_stan.demo.synthetic_videos import generate_synthetic_dataset
+from modeling_stan.search import video_search
+from modeling_stan.search.video_index import EmbeddedVideo, IndexSettings, IndexStore, VideoFile
+from modeling_stan.search.video_search import (
     VideoIndex,
     VideoSearchError,
     build_index,
@@ -61,7 +61,9 @@ def trained_dir(tiny_clip_dir, dataset, tmp_path_factory):
     )
     names = sorted(captions)
     inputs = processor(
-        text=[captions[name] for name in names], videos=[str(videos / name) for name in names], padding=True,
+        text=[captions[name] for name in names],
+        videos=[str(videos / name) for name in names],
+        padding=True,
         return_tensors="pt",
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -241,8 +243,19 @@ def test_cli_index_and_query(trained_dir, dataset, tmp_path, capsys):
     path = tmp_path / "index.sqlite"
     queries = tmp_path / "queries.txt"
     queries.write_text("a green circle moves from top to bottom\n\n")
-    main(["index", "--model", str(trained_dir), "--videos", str(videos), "--index", str(path), "--queries",
-          str(queries)])
+    main(
+        [
+            "index",
+            "--model",
+            str(trained_dir),
+            "--videos",
+            str(videos),
+            "--index",
+            str(path),
+            "--queries",
+            str(queries),
+        ]
+    )
     assert f"{NUM_VIDEOS} videos indexed ({NUM_VIDEOS} embedded now" in capsys.readouterr().out
     name, caption = sorted(captions.items())[0]
     main(["query", "--model", str(trained_dir), "--index", str(path), caption, "--top_k", "3", "--dsl", "--remember"])
@@ -459,9 +472,13 @@ def _write_safetensors_index(path, root, model, embeds, names, query_bank):
     from safetensors.torch import save_file
 
     metadata = {
-        "format": "stan-video-index/1", "root": str(root), "model": model, "num_frames": NUM_FRAMES,
-        "videos": [[name, 1, 1] for name in names], "failed": [{"path": "bad.mp4", "size": 3, "mtime_ns": 4,
-        "error": "VideoDecodeError: broken"}], "query_bank": query_bank,
+        "format": "stan-video-index/1",
+        "root": str(root),
+        "model": model,
+        "num_frames": NUM_FRAMES,
+        "videos": [[name, 1, 1] for name in names],
+        "failed": [{"path": "bad.mp4", "size": 3, "mtime_ns": 4, "error": "VideoDecodeError: broken"}],
+        "query_bank": query_bank,
     }
     save_file({"video_embeds": embeds}, str(path), metadata={"stan_video_index": json.dumps(metadata)})
 

@@ -4,21 +4,20 @@ import json
 
 import pytest
 import torch
+from conftest import random_video, tiny_stan_config
 from transformers import AutoTokenizer, CLIPModel
 
 from modeling_stan import StanConfig, StanForVideoClassification
-from modeling_stan.testing_utils import build_tiny_clip_tokenizer
-from modeling_stan.vifi_prompts import (
+from modeling_stan.demo.tiny_clip import build_tiny_clip_tokenizer
+from modeling_stan.tuning.prompts import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
-    encode_prompted_text,
     load_with_prompts,
     prompt_parameters,
     save_prompts,
     set_trainable_parts,
 )
-
-from conftest import random_video, tiny_stan_config
+from modeling_stan.vifi_prompts import encode_prompted_text
 
 
 NAMES = ["red square", "blue circle", "green triangle"]
@@ -28,8 +27,9 @@ PROMPTS = dict(vision_prompt_depth=3, vision_prompt_length=2, text_prompt_depth=
 def _text_head(tiny_clip_dir, **fields):
     fields.setdefault("stan_depth", 2)
     fields.setdefault("drop_path_rate", 0.0)
-    return StanForVideoClassification.from_clip_pretrained(tiny_clip_dir, classifier_type="text_encoder",
-                                                           class_names=NAMES, **fields).eval()
+    return StanForVideoClassification.from_clip_pretrained(
+        tiny_clip_dir, classifier_type="text_encoder", class_names=NAMES, **fields
+    ).eval()
 
 
 def test_text_encoder_head_is_clip_zero_shot(tiny_clip_dir):
@@ -38,8 +38,9 @@ def test_text_encoder_head_is_clip_zero_shot(tiny_clip_dir):
     clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
     with torch.no_grad():
-        text = clip.get_text_features(**tokenizer([f"a video of {n}." for n in NAMES], padding=True,
-                                                  return_tensors="pt")).pooler_output
+        text = clip.get_text_features(
+            **tokenizer([f"a video of {n}." for n in NAMES], padding=True, return_tensors="pt")
+        ).pooler_output
         out = model(pixel_values=random_video())
     cos = torch.nn.functional.normalize(out.video_embeds, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).t()
     torch.testing.assert_close(out.logits, clip.logit_scale.exp() * cos, atol=1e-5, rtol=1e-5)
@@ -48,14 +49,20 @@ def test_text_encoder_head_is_clip_zero_shot(tiny_clip_dir):
 def test_text_prompts_are_exactly_inserted_tokens(tiny_clip_dir):
     """Text prompts at depth 1 holding the embeddings of a phrase give the text tower's encoding of
     "<phrase> <name>." itself: positions, causal mask and end-of-text pooling are CLIP's."""
-    model = _text_head(tiny_clip_dir, hypothesis_template="{}.", text_prompt_depth=1, text_prompt_length=4,
-                       text_prompt_init="a video of the")  # 4 tokens of the tiny tokenizer
+    model = _text_head(
+        tiny_clip_dir,
+        hypothesis_template="{}.",
+        text_prompt_depth=1,
+        text_prompt_length=4,
+        text_prompt_init="a video of the",
+    )  # 4 tokens of the tiny tokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
     full = tokenizer([f"a video of the {n}." for n in NAMES], padding="max_length", max_length=32, return_tensors="pt")
     with torch.no_grad():
         expected = model.text_model(**full).pooler_output
-        prompted = encode_prompted_text(model.text_model, model.class_input_ids, model.class_attention_mask,
-                                        model.text_prompts)
+        prompted = encode_prompted_text(
+            model.text_model, model.class_input_ids, model.class_attention_mask, model.text_prompts
+        )
     torch.testing.assert_close(prompted, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -63,16 +70,24 @@ def test_zero_depth_prompts_equal_the_model_without_prompts():
     labels = dict(enumerate(NAMES))
     plain = StanForVideoClassification(tiny_stan_config(classifier_type="text_encoder", id2label=labels)).eval()
     plain.set_class_names(NAMES, build_tiny_clip_tokenizer())  # copied into the other two with the weights
-    zero = StanForVideoClassification(tiny_stan_config(classifier_type="text_encoder", id2label=labels,
-                                                       vision_prompt_depth=0, vision_prompt_length=5,
-                                                       text_prompt_depth=0, text_prompt_length=7)).eval()
+    zero = StanForVideoClassification(
+        tiny_stan_config(
+            classifier_type="text_encoder",
+            id2label=labels,
+            vision_prompt_depth=0,
+            vision_prompt_length=5,
+            text_prompt_depth=0,
+            text_prompt_length=7,
+        )
+    ).eval()
     assert not prompt_parameters(zero)
     zero.load_state_dict(plain.state_dict())
     video = random_video()
     with torch.no_grad():
         torch.testing.assert_close(zero(pixel_values=video).logits, plain(pixel_values=video).logits, atol=0, rtol=0)
-    prompted = StanForVideoClassification(tiny_stan_config(classifier_type="text_encoder", id2label=labels,
-                                                           **PROMPTS)).eval()
+    prompted = StanForVideoClassification(
+        tiny_stan_config(classifier_type="text_encoder", id2label=labels, **PROMPTS)
+    ).eval()
     prompted.load_state_dict(plain.state_dict(), strict=False)
     with torch.no_grad():
         assert not torch.allclose(prompted(pixel_values=video).logits, plain(pixel_values=video).logits)
@@ -98,19 +113,24 @@ def test_tuning_variants_follow_vifi(tiny_clip_dir):
     text = set_trainable_parts(model, "text")
     assert text and all(n.startswith(("text_model.", "text_projection.")) for n in text)
     vision = set_trainable_parts(model, "vision")
-    assert any(".stan." in n for n in vision) and all(n.startswith(("vision_model.", "visual_projection.")) for n in vision)
+    assert any(".stan." in n for n in vision) and all(
+        n.startswith(("vision_model.", "visual_projection.")) for n in vision
+    )
     with pytest.raises(ValueError, match="needs a model with prompts"):
         set_trainable_parts(model, "prompts")
 
 
 def test_frozen_class_embeddings_are_the_authors_head(tiny_clip_dir):
-    model = StanForVideoClassification.from_clip_pretrained(tiny_clip_dir, classifier_type="frozen_class_embeddings",
-                                                           class_names=NAMES, stan_depth=1)
+    model = StanForVideoClassification.from_clip_pretrained(
+        tiny_clip_dir, classifier_type="frozen_class_embeddings", class_names=NAMES, stan_depth=1
+    )
     assert model.config.fixed_logit_scale == 100.0
     assert not model.classifier.weight.requires_grad and not model.logit_scale.requires_grad
     out = model(pixel_values=random_video())
-    cos = torch.nn.functional.normalize(out.video_embeds, dim=-1) @ torch.nn.functional.normalize(
-        model.classifier.weight, dim=-1).t()
+    cos = (
+        torch.nn.functional.normalize(out.video_embeds, dim=-1)
+        @ torch.nn.functional.normalize(model.classifier.weight, dim=-1).t()
+    )
     torch.testing.assert_close(out.logits, 100.0 * cos)
 
 

@@ -36,9 +36,22 @@ def _download_tests(destination: Path) -> None:
     """Fetch the sdist of the installed transformers version and keep only its top-level `tests/*.py`."""
     with tempfile.TemporaryDirectory() as download_dir:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             "--dest", download_dir, f"transformers=={VERSION}"],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--dest",
+                download_dir,
+                f"transformers=={VERSION}",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         (archive,) = Path(download_dir).glob("transformers-*.tar.gz")
         partial = destination.with_name(destination.name + ".partial")

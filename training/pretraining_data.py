@@ -42,7 +42,7 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset
 
-from modeling_stan.synthetic_videos import SyntheticVideo, caption_for, paraphrase_for, render_clip
+from modeling_stan.demo.synthetic_videos import SyntheticVideo, caption_for, paraphrase_for, render_clip
 from modeling_stan.video_io import VideoDecodeError, decode_video
 
 
@@ -93,8 +93,9 @@ def parse_sources(specs: Sequence[str], num_samples: Sequence[int] | None) -> li
             name, pattern = f"source{i}", spec
         patterns.setdefault(name, []).append(pattern)
     if num_samples and len(num_samples) != len(patterns):
-        raise ValueError(f"--train_num_samples gives {len(num_samples)} size(s) for {len(patterns)} source(s) "
-                         f"{list(patterns)}.")
+        raise ValueError(
+            f"--train_num_samples gives {len(num_samples)} size(s) for {len(patterns)} source(s) {list(patterns)}."
+        )
     sources = []
     for i, (name, source_patterns) in enumerate(patterns.items()):
         files = [file for pattern in source_patterns for file in expand_shards(pattern)]
@@ -111,8 +112,10 @@ def _size_from_stats(name: str, files: list[str]) -> int:
     for file in files:
         stats = Path(file).with_name(Path(file).stem + "_stats.json")
         if "://" in file or not stats.is_file():
-            raise ValueError(f"Source {name!r}: no {stats.name} beside {file} to count its samples; pass "
-                             "--train_num_samples (one number per source).")
+            raise ValueError(
+                f"Source {name!r}: no {stats.name} beside {file} to count its samples; pass "
+                "--train_num_samples (one number per source)."
+            )
         with open(stats, encoding="utf-8") as handle:
             count = json.load(handle).get("successes")
         if not isinstance(count, int):
@@ -131,13 +134,17 @@ def batches_per_epoch(sources: list[ShardSource], global_batch: int, weights: Se
     available = [source.num_samples // global_batch for source in sources]
     for source, count in zip(sources, available):
         if count < 1:
-            raise ValueError(f"Source {source.name!r} has {source.num_samples} samples, fewer than one global batch "
-                             f"({global_batch}).")
+            raise ValueError(
+                f"Source {source.name!r} has {source.num_samples} samples, fewer than one global batch "
+                f"({global_batch})."
+            )
     if weights is None:
         return available
     if len(weights) != len(sources) or any(w < 0 for w in weights) or not any(weights):
-        raise ValueError(f"--source_weights needs one non-negative weight per source {[s.name for s in sources]}, "
-                         f"not all zero; got {list(weights)}.")
+        raise ValueError(
+            f"--source_weights needs one non-negative weight per source {[s.name for s in sources]}, "
+            f"not all zero; got {list(weights)}."
+        )
     scale = min(count / weight for count, weight in zip(available, weights) if weight > 0)
     return [int(weight * scale) for weight in weights]
 
@@ -162,8 +169,19 @@ class ShardStream(IterableDataset):
     skipped while filling it) and `state` (the stream's position after it, for `state=` on resume).
     """
 
-    def __init__(self, files: list[str], *, index: int, num_streams: int, epoch: int, seed: int, buffer_size: int,
-                 batch_size: int, decode: Callable[[dict, int], torch.Tensor], state: dict | None = None):
+    def __init__(
+        self,
+        files: list[str],
+        *,
+        index: int,
+        num_streams: int,
+        epoch: int,
+        seed: int,
+        buffer_size: int,
+        batch_size: int,
+        decode: Callable[[dict, int], torch.Tensor],
+        state: dict | None = None,
+    ):
         self.files, self.index, self.num_streams = files, index, num_streams
         self.epoch, self.seed, self.buffer_size, self.batch_size = epoch, seed, buffer_size, batch_size
         self.decode, self.state = decode, state
@@ -171,8 +189,9 @@ class ShardStream(IterableDataset):
     def _samples(self):
         # Shard order permuted per epoch (same permutation everywhere), then this stream's share.
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.files))
-        dataset = load_dataset("webdataset", data_files={"train": [self.files[i] for i in order]}, split="train",
-                               streaming=True).decode(False)
+        dataset = load_dataset(
+            "webdataset", data_files={"train": [self.files[i] for i in order]}, split="train", streaming=True
+        ).decode(False)
         return split_dataset_by_node(dataset, rank=self.index, world_size=self.num_streams)
 
     def _shuffled(self) -> Iterator[tuple[dict, dict]]:
@@ -222,16 +241,22 @@ class ShardStream(IterableDataset):
         name, value = media
         seed = int(np.random.SeedSequence(sample_seed).generate_state(1)[0])
         try:
-            return self.decode({"kind": "video" if name in VIDEO_FIELDS else "image", "bytes": value["bytes"]},
-                               seed), caption.strip()
+            return self.decode(
+                {"kind": "video" if name in VIDEO_FIELDS else "image", "bytes": value["bytes"]}, seed
+            ), caption.strip()
         except (VideoDecodeError, UnidentifiedImageError, OSError) as error:  # PIL reports truncated files as OSError
             logger.warning("Skipping %s: %s: %s", where, type(error).__name__, error)
             return None, None
 
 
 def _batch(pixels, captions, keys, corrupt, state) -> dict:
-    return {"pixel_values": torch.stack(pixels) if pixels else None, "captions": captions, "keys": keys,
-            "corrupt": corrupt, "state": state}
+    return {
+        "pixel_values": torch.stack(pixels) if pixels else None,
+        "captions": captions,
+        "keys": keys,
+        "corrupt": corrupt,
+        "state": state,
+    }
 
 
 class ClipDecoder:
@@ -249,9 +274,14 @@ class ClipDecoder:
         else:
             with Image.open(io.BytesIO(media["bytes"])) as image:
                 frames = np.asarray(image.convert("RGB"))[None]
-        return self.video_processor([frames], return_tensors="pt", train=True, do_sample_frames=False,
-                                    generator=generator,
-                                    random_resized_crop_scale=self.random_resized_crop_scale)["pixel_values"][0]
+        return self.video_processor(
+            [frames],
+            return_tensors="pt",
+            train=True,
+            do_sample_frames=False,
+            generator=generator,
+            random_resized_crop_scale=self.random_resized_crop_scale,
+        )["pixel_values"][0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,10 +298,21 @@ class MixedStreamLoader:
     has nothing left of the step's source (the training loop then skips the step on every process).
     """
 
-    def __init__(self, sources: list[ShardSource], counts: list[int], *, make_stream: Callable[..., ShardStream],
-                 streams_per_process: int, num_workers: int, process_index: int, num_processes: int, seed: int,
-                 tokenize: Callable[[list[str]], dict], device: torch.device,
-                 record: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        sources: list[ShardSource],
+        counts: list[int],
+        *,
+        make_stream: Callable[..., ShardStream],
+        streams_per_process: int,
+        num_workers: int,
+        process_index: int,
+        num_processes: int,
+        seed: int,
+        tokenize: Callable[[list[str]], dict],
+        device: torch.device,
+        record: Callable[[dict], None] | None = None,
+    ):
         self.sources, self.counts, self.make_stream = sources, counts, make_stream
         self.streams_per_process, self.num_workers = streams_per_process, num_workers
         self.process_index, self.num_processes, self.seed = process_index, num_processes, seed
@@ -290,8 +331,10 @@ class MixedStreamLoader:
 
     def _reset(self, epoch: int) -> None:
         self.epoch, self.position = epoch, 0
-        self.streams = [{"states": [None] * self.streams_per_process, "exhausted": [False] * self.streams_per_process,
-                         "next": 0} for _ in self.sources]
+        self.streams = [
+            {"states": [None] * self.streams_per_process, "exhausted": [False] * self.streams_per_process, "next": 0}
+            for _ in self.sources
+        ]
         self._iterators: dict[tuple[int, int], Iterator] = {}
 
     def start_epoch(self, epoch: int, consumed: int) -> None:
@@ -299,8 +342,10 @@ class MixedStreamLoader:
         if epoch != self.epoch:
             self._reset(epoch)
         if self.position != consumed:
-            raise RuntimeError(f"The data stream is at batch {self.position} of epoch {self.epoch} but the training "
-                               f"loop at batch {consumed}: the checkpoint's data state does not match its step.")
+            raise RuntimeError(
+                f"The data stream is at batch {self.position} of epoch {self.epoch} but the training "
+                f"loop at batch {consumed}: the checkpoint's data state does not match its step."
+            )
         self._iterators = {}
 
     def __iter__(self) -> Iterator[dict | None]:
@@ -330,24 +375,34 @@ class MixedStreamLoader:
             if self.record is not None:
                 self.record({"epoch": self.epoch, "batch": self.position, "source": name, "keys": batch["keys"]})
             text = self.tokenize(batch["captions"])
-            return {"pixel_values": batch["pixel_values"].to(self.device),
-                    "input_ids": text["input_ids"].to(self.device),
-                    "attention_mask": text["attention_mask"].to(self.device)}
+            return {
+                "pixel_values": batch["pixel_values"].to(self.device),
+                "input_ids": text["input_ids"].to(self.device),
+                "attention_mask": text["attention_mask"].to(self.device),
+            }
         return None
 
     def _iterator(self, source: int, stream: int) -> Iterator[dict]:
         key = (source, stream)
         if key not in self._iterators:
-            dataset = self.make_stream(self.sources[source].files,
-                                       index=self.process_index * self.streams_per_process + stream,
-                                       num_streams=self.num_processes * self.streams_per_process, epoch=self.epoch,
-                                       state=self.streams[source]["states"][stream])
+            dataset = self.make_stream(
+                self.sources[source].files,
+                index=self.process_index * self.streams_per_process + stream,
+                num_streams=self.num_processes * self.streams_per_process,
+                epoch=self.epoch,
+                state=self.streams[source]["states"][stream],
+            )
             self._iterators[key] = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
         return self._iterators[key]
 
     def local_state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "streams": self.streams,
-                "samples_seen": self.samples_seen, "corrupt": self.corrupt}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "streams": self.streams,
+            "samples_seen": self.samples_seen,
+            "corrupt": self.corrupt,
+        }
 
     def state_dict(self) -> dict:
         """Every process's position (Accelerate saves custom state from the main process only)."""
@@ -356,16 +411,21 @@ class MixedStreamLoader:
             dist.all_gather_object(states, self.local_state())
         else:
             states = [self.local_state()]
-        return {"num_processes": self.num_processes, "streams_per_process": self.streams_per_process,
-                "processes": states}
+        return {
+            "num_processes": self.num_processes,
+            "streams_per_process": self.streams_per_process,
+            "processes": states,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         saved = (state["num_processes"], state["streams_per_process"])
         if saved != (self.num_processes, self.streams_per_process):
-            raise ValueError(f"The checkpoint's data position is for {saved[0]} process(es) x {saved[1]} stream(s) "
-                             f"each; this run has {self.num_processes} x {self.streams_per_process}. Resume a streaming "
-                             "run with the same number of processes and --dataloader_num_workers (each stream is a "
-                             "fixed share of the shards).")
+            raise ValueError(
+                f"The checkpoint's data position is for {saved[0]} process(es) x {saved[1]} stream(s) "
+                f"each; this run has {self.num_processes} x {self.streams_per_process}. Resume a streaming "
+                "run with the same number of processes and --dataloader_num_workers (each stream is a "
+                "fixed share of the shards)."
+            )
         local = state["processes"][self.process_index]
         self._reset(local["epoch"])
         self.position, self.streams = local["position"], local["streams"]
@@ -373,12 +433,17 @@ class MixedStreamLoader:
 
     def totals(self) -> dict[str, dict[str, int]]:
         """Samples seen and corrupt samples per source, summed over processes (every process must call this)."""
-        local = torch.tensor([[self.samples_seen[s.name], self.corrupt[s.name]] for s in self.sources],
-                             dtype=torch.long, device=self.device)
+        local = torch.tensor(
+            [[self.samples_seen[s.name], self.corrupt[s.name]] for s in self.sources],
+            dtype=torch.long,
+            device=self.device,
+        )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(local)
-        return {source.name: {"samples_seen": int(seen), "corrupt_samples": int(bad)}
-                for source, (seen, bad) in zip(self.sources, local.tolist())}
+        return {
+            source.name: {"samples_seen": int(seen), "corrupt_samples": int(bad)}
+            for source, (seen, bad) in zip(self.sources, local.tolist())
+        }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,25 +451,37 @@ class MixedStreamLoader:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def write_synthetic_shards(root: Path, videos: list[SyntheticVideo], video_dir: Path, *, samples_per_shard: int,
-                           image_size: int = 64) -> dict[str, str]:
+def write_synthetic_shards(
+    root: Path, videos: list[SyntheticVideo], video_dir: Path, *, samples_per_shard: int, image_size: int = 64
+) -> dict[str, str]:
     """Packs the synthetic `videos` (their mp4 files in `video_dir`) into video shards and renders one still per
     video (its first frame, captioned without motion: "a red square") into PNG image shards, in the video2dataset /
     img2dataset layout with `_stats.json` files. Captions alternate between the two wordings of
-    `modeling_stan.synthetic_videos`. Returns the brace pattern of each source."""
+    `modeling_stan.demo.synthetic_videos`. Returns the brace pattern of each source."""
     video_samples, image_samples = [], []
     for i, video in enumerate(videos):
         wording = caption_for if i % 2 == 0 else paraphrase_for
         mp4 = (video_dir / f"{video.video_id}.mp4").read_bytes()
-        video_samples.append((video.video_id, {"mp4": mp4, "txt": wording(video.shape, video.colour, video.direction)}))
-        still = render_clip(video.shape, video.colour, video.direction, num_frames=2, size=image_size,
-                            radius=video.radius, offset=video.offset)[0]
+        video_samples.append(
+            (video.video_id, {"mp4": mp4, "txt": wording(video.shape, video.colour, video.direction)})
+        )
+        still = render_clip(
+            video.shape,
+            video.colour,
+            video.direction,
+            num_frames=2,
+            size=image_size,
+            radius=video.radius,
+            offset=video.offset,
+        )[0]
         png = io.BytesIO()
         Image.fromarray(still).save(png, format="PNG")
         article = "an" if video.colour[0] in "aeiou" else "a"
         image_samples.append((f"image{i}", {"png": png.getvalue(), "txt": f"{article} {video.colour} {video.shape}"}))
-    return {"videos": _write_shards(root / "videos", video_samples, samples_per_shard),
-            "images": _write_shards(root / "images", image_samples, samples_per_shard)}
+    return {
+        "videos": _write_shards(root / "videos", video_samples, samples_per_shard),
+        "images": _write_shards(root / "images", image_samples, samples_per_shard),
+    }
 
 
 def _write_shards(folder: Path, samples: list[tuple[str, dict]], samples_per_shard: int) -> str:

@@ -26,8 +26,10 @@ from stan_arguments import AugmentationArguments, DataArguments, ModelArguments,
 class ClassificationArguments(AugmentationArguments):
     classifier_type: Literal["linear", "class_embeddings", "frozen_class_embeddings", "text_encoder"] = field(
         default="frozen_class_embeddings",
-        metadata={"help": "Recognition head: see StanConfig.classifier_type. "
-                          "'frozen_class_embeddings' is the STAN authors' (fixed scale 100), 'text_encoder' ViFi-CLIP's."},
+        metadata={
+            "help": "Recognition head: see StanConfig.classifier_type. "
+            "'frozen_class_embeddings' is the STAN authors' (fixed scale 100), 'text_encoder' ViFi-CLIP's."
+        },
     )
     hypothesis_template: str = field(default="a video of {}.", metadata={"help": "Class prompt of the text heads."})
     trainable_parts: Literal["all", "text", "vision", "prompts"] = field(
@@ -37,20 +39,27 @@ class ClassificationArguments(AugmentationArguments):
     vision_prompt_length: int = field(default=16, metadata={"help": "Vision prompt tokens per layer."})
     text_prompt_depth: int = field(default=0, metadata={"help": "ViFi-CLIP text prompt depth (0: none)."})
     text_prompt_length: int = field(default=16, metadata={"help": "Text prompt tokens per layer."})
-    text_prompt_init: str | None = field(default="a photo of a", metadata={"help": "Phrase initialising text prompts."})
+    text_prompt_init: str | None = field(
+        default="a photo of a", metadata={"help": "Phrase initialising text prompts."}
+    )
     num_shots: int | None = field(
         default=None, metadata={"help": "Few-shot: train on exactly this many videos per class, drawn with --seed."}
     )
     novel_test_file: str | None = field(
-        default=None, metadata={"help": "Base-to-novel: split file (ViFi-CLIP layout) of the novel classes' test videos."}
+        default=None,
+        metadata={"help": "Base-to-novel: split file (ViFi-CLIP layout) of the novel classes' test videos."},
     )
     novel_labels_file: str | None = field(default=None, metadata={"help": "Base-to-novel: the novel classes' labels."})
     zero_shot_dataset: Literal["vifi", "ucf101", "hmdb51"] = field(
-        default="vifi", metadata={"help": "Zero-shot evaluation layout: 'vifi' (--zero_shot_test_files), or 'ucf101' / "
-                                          "'hmdb51' (their official split lists in --zero_shot_split_dir, folds 1-3)."}
+        default="vifi",
+        metadata={
+            "help": "Zero-shot evaluation layout: 'vifi' (--zero_shot_test_files), or 'ucf101' / "
+            "'hmdb51' (their official split lists in --zero_shot_split_dir, folds 1-3)."
+        },
     )
     zero_shot_split_dir: str | None = field(
-        default=None, metadata={"help": "Zero-shot on ucf101/hmdb51: ucfTrainTestlist/ or testTrainMulti_7030_splits/."}
+        default=None,
+        metadata={"help": "Zero-shot on ucf101/hmdb51: ucfTrainTestlist/ or testTrainMulti_7030_splits/."},
     )
     zero_shot_test_files: list[str] = field(
         default_factory=list, metadata={"help": "Zero-shot: split files (ViFi-CLIP layout) evaluated after training."}
@@ -70,7 +79,11 @@ class ClassificationArguments(AugmentationArguments):
     def __post_init__(self):
         # Checked before anything runs: the evaluations these options ask for come after training.
         super().__post_init__()
-        for name in ("classifier_type", "trainable_parts", "zero_shot_dataset"):  # also when built in Python, not from the command line
+        for name in (
+            "classifier_type",
+            "trainable_parts",
+            "zero_shot_dataset",
+        ):  # also when built in Python, not from the command line
             allowed = get_args(self.__dataclass_fields__[name].type)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
@@ -78,12 +91,15 @@ class ClassificationArguments(AugmentationArguments):
             raise ValueError("Base-to-novel needs both --novel_test_file and --novel_labels_file.")
         files, labels = self.zero_shot_test_files, self.zero_shot_labels_files
         if files and len(labels) not in (1, len(files)):
-            raise ValueError(f"--zero_shot_labels_files needs one file or one per split file ({len(files)}), "
-                             f"got {len(labels)}.")
+            raise ValueError(
+                f"--zero_shot_labels_files needs one file or one per split file ({len(files)}), got {len(labels)}."
+            )
         evaluates_other_classes = self.novel_test_file or files or self.zero_shot_split_dir
         if evaluates_other_classes and self.classifier_type != "text_encoder":
-            raise ValueError("Base-to-novel and zero-shot evaluation need --classifier_type text_encoder: only the "
-                             f"text-encoder head embeds new class names, not {self.classifier_type!r}.")
+            raise ValueError(
+                "Base-to-novel and zero-shot evaluation need --classifier_type text_encoder: only the "
+                f"text-encoder head embeds new class names, not {self.classifier_type!r}."
+            )
 
     @property
     def num_views(self) -> int:
@@ -91,8 +107,15 @@ class ClassificationArguments(AugmentationArguments):
 
     def model_config_fields(self) -> dict:
         """The `StanConfig` fields these arguments set (StanConfig validates them)."""
-        names = ("classifier_type", "hypothesis_template", "vision_prompt_depth", "vision_prompt_length",
-                 "text_prompt_depth", "text_prompt_length", "text_prompt_init")
+        names = (
+            "classifier_type",
+            "hypothesis_template",
+            "vision_prompt_depth",
+            "vision_prompt_length",
+            "text_prompt_depth",
+            "text_prompt_length",
+            "text_prompt_init",
+        )
         return {name: getattr(self, name) for name in names}
 
     def zero_shot_splits(self, video_dir: str) -> "list[datasets.Dataset]":
@@ -103,8 +126,10 @@ class ClassificationArguments(AugmentationArguments):
             loader = load_ucf101 if self.zero_shot_dataset == "ucf101" else load_hmdb51
             return [loader(self.zero_shot_split_dir, video_dir, split="test", fold=fold) for fold in (1, 2, 3)]
         files, labels = self.zero_shot_test_files, self.zero_shot_labels_files
-        return [load_vifi_split(file, labels[0] if len(labels) == 1 else labels[index], video_dir)
-                for index, file in enumerate(files)]
+        return [
+            load_vifi_split(file, labels[0] if len(labels) == 1 else labels[index], video_dir)
+            for index, file in enumerate(files)
+        ]
 
 
 # Defaults for pre-trained CLIP checkpoints (the recipes in training/configs/ set the rest).
@@ -153,11 +178,12 @@ from pathlib import Path  # noqa: E402 (after the command line, see above)
 import datasets
 import torch
 import torch.nn.functional as F
+from stan_training import RowOutputs, TrainingScript, collate_clips, evaluation_dataloader
+from video_augmentation import VideoAugmentation, soft_targets
+from vifi_protocols import base_to_novel_summary, few_shot_subset, summarize_splits
 
 from modeling_stan import StanForVideoClassification, StanModel
-from modeling_stan.vifi_prompts import set_trainable_parts
-from modeling_stan.metrics import aggregate_views, topk_accuracy
-from modeling_stan.video_datasets import (
+from modeling_stan.data.video_datasets import (
     load_hmdb51,
     load_kinetics,
     load_something_something_v2,
@@ -165,9 +191,8 @@ from modeling_stan.video_datasets import (
     load_video_folder,
     load_vifi_split,
 )
-from stan_training import RowOutputs, TrainingScript, collate_clips, evaluation_dataloader
-from video_augmentation import VideoAugmentation, soft_targets
-from vifi_protocols import base_to_novel_summary, few_shot_subset, summarize_splits
+from modeling_stan.evaluation.metrics import aggregate_views, topk_accuracy
+from modeling_stan.tuning.prompts import set_trainable_parts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,8 +200,9 @@ from vifi_protocols import base_to_novel_summary, few_shot_subset, summarize_spl
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_split(data_args: DataArguments, args: ClassificationArguments, split: str,
-               class_names: list[str] | None = None) -> datasets.Dataset | None:
+def load_split(
+    data_args: DataArguments, args: ClassificationArguments, split: str, class_names: list[str] | None = None
+) -> datasets.Dataset | None:
     """One split in the dataset's layout; `class_names` (the training split's) keeps the label ids shared."""
     dataset, video_dir = data_args.dataset, data_args.video_dir
     if dataset in ("ucf101", "hmdb51"):
@@ -201,8 +227,9 @@ def load_split(data_args: DataArguments, args: ClassificationArguments, split: s
     options = {} if data_args.video_ext is None else {"video_ext": data_args.video_ext}
     if dataset == "kinetics":
         return load_kinetics(annotation, video_dir, class_names=class_names, **options)
-    return load_something_something_v2(annotation, _required(args.labels_file, "--labels_file", dataset), video_dir,
-                                       **options)
+    return load_something_something_v2(
+        annotation, _required(args.labels_file, "--labels_file", dataset), video_dir, **options
+    )
 
 
 def _required(value, flag: str, dataset: str):
@@ -214,10 +241,13 @@ def _required(value, flag: str, dataset: str):
 def hold_out(train: datasets.Dataset, data_args: DataArguments, seed: int):
     """Splits off `validation_split_percentage` % of the training videos, stratified by class, for validation."""
     if data_args.validation_split_percentage is None:
-        raise ValueError("No validation split: pass --validation_file (or --video_dir/validation for 'folder') or "
-                         "--validation_split_percentage (the best checkpoint is chosen on validation, never on test).")
-    parts = train.train_test_split(test_size=data_args.validation_split_percentage / 100, seed=seed,
-                                   stratify_by_column="label")
+        raise ValueError(
+            "No validation split: pass --validation_file (or --video_dir/validation for 'folder') or "
+            "--validation_split_percentage (the best checkpoint is chosen on validation, never on test)."
+        )
+    parts = train.train_test_split(
+        test_size=data_args.validation_split_percentage / 100, seed=seed, stratify_by_column="label"
+    )
     return parts["train"], parts["test"]
 
 
@@ -233,8 +263,15 @@ def collate_labelled_clips(samples: list[dict]) -> dict:
 class ClassificationTask:
     """Cross-entropy training; top-1 / top-5 accuracy over the averaged softmax of each video's views."""
 
-    def __init__(self, accelerator, metric_for_best_model: str, num_views: int, eval_loaders: dict,
-                 augmentation: VideoAugmentation | None = None, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        accelerator,
+        metric_for_best_model: str,
+        num_views: int,
+        eval_loaders: dict,
+        augmentation: VideoAugmentation | None = None,
+        label_smoothing: float = 0.0,
+    ):
         self.accelerator, self.metric_for_best_model = accelerator, metric_for_best_model
         self.num_views, self.eval_loaders = num_views, eval_loaders
         self.augmentation, self.label_smoothing = augmentation, label_smoothing
@@ -261,8 +298,9 @@ class ClassificationTask:
                 continue
             with self.accelerator.autocast():
                 logits = model(pixel_values=batch["pixel_values"]).logits
-            outputs.add(batch["row"], probabilities=aggregate_views(logits.float(), self.num_views),
-                        labels=batch["labels"])
+            outputs.add(
+                batch["row"], probabilities=aggregate_views(logits.float(), self.num_views), labels=batch["labels"]
+            )
         gathered = outputs.gather(self.accelerator.device)
         ks = (1, 5) if model.config.num_labels >= 5 else (1,)
         metrics = topk_accuracy(gathered["probabilities"], gathered["labels"].long(), ks=ks)
@@ -280,34 +318,43 @@ class ClassificationScript(TrainingScript):
     model_class = StanForVideoClassification
     card_task = "video-classification"
     summary_metrics = ("top1", "top5")
-    next_command = ("python -c \"from transformers import pipeline; print(pipeline('video-classification', "
-                    "model='{output_dir}', trust_remote_code=True)('video.mp4', top_k=2))\"")
+    next_command = (
+        "python -c \"from transformers import pipeline; print(pipeline('video-classification', "
+        "model='{output_dir}', trust_remote_code=True)('video.mp4', top_k=2))\""
+    )
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
         # The synthetic dataset ships a class-per-folder copy: folders/{train,validation,test}/<direction>/.
         data_args.dataset, data_args.video_dir = "folder", str(root / "folders")
 
-    def load_splits(self, data_args: DataArguments, task_args: ClassificationArguments,
-                    training_args: TrainingArguments) -> dict:
+    def load_splits(
+        self, data_args: DataArguments, task_args: ClassificationArguments, training_args: TrainingArguments
+    ) -> dict:
         if not training_args.do_train:
             # Evaluation only (e.g. zero-shot from a dual encoder): the test split, whose classes the head takes.
             test = load_split(data_args, task_args, "test")
             if test is None or len(test) == 0:
-                raise ValueError("--do_train false evaluates the test split: pass --test_file (or --video_dir/test "
-                                 "for --dataset folder, --split_dir and --fold for ucf101/hmdb51).")
+                raise ValueError(
+                    "--do_train false evaluates the test split: pass --test_file (or --video_dir/test "
+                    "for --dataset folder, --split_dir and --fold for ucf101/hmdb51)."
+                )
             return {"test": test}
         train = load_split(data_args, task_args, "train")
         class_names = train.features["label"].names
-        splits = {"train": train, **{split: load_split(data_args, task_args, split, class_names)
-                                     for split in ("validation", "test")}}
+        splits = {
+            "train": train,
+            **{split: load_split(data_args, task_args, split, class_names) for split in ("validation", "test")},
+        }
         if splits["validation"] is None:
             splits["train"], splits["validation"] = hold_out(train, data_args, training_args.seed)
         if task_args.num_shots is not None:
             splits["train"] = few_shot_subset(splits["train"], task_args.num_shots, training_args.seed)
         for split in ("validation", "test"):
             if splits[split] is None or len(splits[split]) == 0 or min(splits[split]["label"]) < 0:
-                raise ValueError(f"The {split} split needs labelled videos (--{split}_file, or --video_dir/{split} "
-                                 "for --dataset folder).")
+                raise ValueError(
+                    f"The {split} split needs labelled videos (--{split}_file, or --video_dir/{split} "
+                    "for --dataset folder)."
+                )
         return splits
 
     def model_config_fields(self, task_args: ClassificationArguments, splits: dict) -> dict:
@@ -333,35 +380,63 @@ class ClassificationScript(TrainingScript):
     def make_task(self, accelerator, task_args, training_args, splits, eval_loaders, processor) -> ClassificationTask:
         video_processor = processor.video_processor
         augmentation = VideoAugmentation(task_args, video_processor.image_mean, video_processor.image_std)
-        return ClassificationTask(accelerator, training_args.metric_for_best_model, task_args.num_views, eval_loaders,
-                                  augmentation, task_args.label_smoothing)
+        return ClassificationTask(
+            accelerator,
+            training_args.metric_for_best_model,
+            task_args.num_views,
+            eval_loaders,
+            augmentation,
+            task_args.label_smoothing,
+        )
 
-    def extra_results(self, accelerator, model, task: ClassificationTask, processor, results: dict,
-                      data_args: DataArguments, task_args: ClassificationArguments, training_args) -> dict:
+    def extra_results(
+        self,
+        accelerator,
+        model,
+        task: ClassificationTask,
+        processor,
+        results: dict,
+        data_args: DataArguments,
+        task_args: ClassificationArguments,
+        training_args,
+    ) -> dict:
         """Evaluations on other class sets, through the text-encoder head: base-to-novel and zero-shot."""
         extra = {}
-        evaluate = lambda rows, name: self._evaluate_class_set(accelerator, model, task, processor, rows, name,
-                                                               data_args, task_args, training_args)
+        evaluate = lambda rows, name: self._evaluate_class_set(
+            accelerator, model, task, processor, rows, name, data_args, task_args, training_args
+        )
         if task_args.novel_test_file is not None:
             novel_rows = load_vifi_split(task_args.novel_test_file, task_args.novel_labels_file, data_args.video_dir)
             extra["novel"] = evaluate(novel_rows, "novel")
             extra["base_to_novel"] = base_to_novel_summary(results["test"], extra["novel"])
         zero_shot_splits = task_args.zero_shot_splits(task_args.zero_shot_video_dir or data_args.video_dir)
         if zero_shot_splits:
-            per_split = {f"split{index + 1}": evaluate(rows, f"zero_shot_split{index + 1}")
-                         for index, rows in enumerate(zero_shot_splits)}
+            per_split = {
+                f"split{index + 1}": evaluate(rows, f"zero_shot_split{index + 1}")
+                for index, rows in enumerate(zero_shot_splits)
+            }
             extra["zero_shot"] = {**per_split, **summarize_splits(per_split)}
         return extra
 
-    def _evaluate_class_set(self, accelerator, model, task: ClassificationTask, processor, rows: datasets.Dataset,
-                            name: str, data_args: DataArguments, task_args: ClassificationArguments,
-                            training_args) -> dict:
+    def _evaluate_class_set(
+        self,
+        accelerator,
+        model,
+        task: ClassificationTask,
+        processor,
+        rows: datasets.Dataset,
+        name: str,
+        data_args: DataArguments,
+        task_args: ClassificationArguments,
+        training_args,
+    ) -> dict:
         """Metrics on `rows` with the head pointed at their class names; the model's own classes are restored."""
         head = accelerator.unwrap_model(model)
         own_classes = head.class_names()
         video_options = data_args.video_options(processor.video_processor)
         task.eval_loaders[name] = accelerator.prepare(
-            self.evaluation_dataloader(rows, video_options, task_args, data_args, training_args))
+            self.evaluation_dataloader(rows, video_options, task_args, data_args, training_args)
+        )
         head.set_class_names(rows.features["label"].names, processor.tokenizer)
         try:
             return task.evaluate(model, name)

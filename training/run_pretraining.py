@@ -27,7 +27,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeling_stan.synthetic_videos import plan_videos
 from pretraining_data import (
     ClipDecoder,
     MixedStreamLoader,
@@ -48,13 +47,17 @@ from stan_training import (
     training_summary,
 )
 
+from modeling_stan.demo.synthetic_videos import plan_videos
+
 
 @dataclass
 class PretrainingArguments(RetrievalArguments):
     train_shards: list[str] = field(
         default_factory=list,
-        metadata={"help": "Training sources as NAME=PATTERN (brace patterns, globs, URLs; a name repeated adds "
-                          "patterns). Default: the generated synthetic shards."},
+        metadata={
+            "help": "Training sources as NAME=PATTERN (brace patterns, globs, URLs; a name repeated adds "
+            "patterns). Default: the generated synthetic shards."
+        },
     )
     train_num_samples: list[int] | None = field(
         default=None,
@@ -62,8 +65,10 @@ class PretrainingArguments(RetrievalArguments):
     )
     source_weights: list[float] | None = field(
         default=None,
-        metadata={"help": "Mix the sources in these proportions of batches; default: in proportion to their sizes "
-                          "(the authors' MetaLoader)."},
+        metadata={
+            "help": "Mix the sources in these proportions of batches; default: in proportion to their sizes "
+            "(the authors' MetaLoader)."
+        },
     )
     shuffle_buffer_size: int = field(default=1000, metadata={"help": "Samples per shuffled block of each stream."})
     train_num_frames: int | None = field(
@@ -112,8 +117,9 @@ class PretrainingScript(RetrievalScript):
         description=__doc__,
     )
 
-    def load_splits(self, data_args: DataArguments, task_args: PretrainingArguments,
-                    training_args: TrainingArguments) -> dict:
+    def load_splits(
+        self, data_args: DataArguments, task_args: PretrainingArguments, training_args: TrainingArguments
+    ) -> dict:
         """The zero-shot validation and test rows (the training data are the shards)."""
         splits = {split: load_split(data_args, task_args, split) for split in ("validation", "test")}
         for split, rows in splits.items():
@@ -134,13 +140,24 @@ class PretrainingScript(RetrievalScript):
 
     def _synthetic_shards(self, accelerator, data_args, task_args, training_args) -> list[str]:
         """Video shards of the synthetic training videos and image shards of their stills, written once."""
-        videos = [video for video in plan_videos(num_train=data_args.synthetic_num_train,
-                                                 num_val=data_args.synthetic_num_val,
-                                                 num_test=data_args.synthetic_num_test, size=64,
-                                                 seed=training_args.seed) if video.split == "train"]
-        root = prepare_once(accelerator, Path(training_args.output_dir) / "synthetic_shards",
-                            lambda folder: write_synthetic_shards(folder, videos, Path(data_args.video_dir),
-                                                                  samples_per_shard=task_args.synthetic_samples_per_shard))
+        videos = [
+            video
+            for video in plan_videos(
+                num_train=data_args.synthetic_num_train,
+                num_val=data_args.synthetic_num_val,
+                num_test=data_args.synthetic_num_test,
+                size=64,
+                seed=training_args.seed,
+            )
+            if video.split == "train"
+        ]
+        root = prepare_once(
+            accelerator,
+            Path(training_args.output_dir) / "synthetic_shards",
+            lambda folder: write_synthetic_shards(
+                folder, videos, Path(data_args.video_dir), samples_per_shard=task_args.synthetic_samples_per_shard
+            ),
+        )
         return [f"videos={root / 'videos' / '*.tar'}", f"images={root / 'images' / '*.tar'}"]
 
     def _training_loop(self, accelerator, model, processor, splits, data_args, task_args, training_args, checkpoints):
@@ -148,33 +165,53 @@ class PretrainingScript(RetrievalScript):
         batch_size = training_args.per_device_train_batch_size
         counts = batches_per_epoch(sources, batch_size * accelerator.num_processes, task_args.source_weights)
         workers = data_args.dataloader_num_workers
-        decoder = ClipDecoder(processor.video_processor, task_args.train_num_frames or data_args.num_frames,
-                              data_args.random_resized_crop_scale)
+        decoder = ClipDecoder(
+            processor.video_processor,
+            task_args.train_num_frames or data_args.num_frames,
+            data_args.random_resized_crop_scale,
+        )
         loader = MixedStreamLoader(
-            sources, counts,
-            make_stream=functools.partial(ShardStream, seed=training_args.seed,
-                                          buffer_size=task_args.shuffle_buffer_size, batch_size=batch_size,
-                                          decode=decoder),
+            sources,
+            counts,
+            make_stream=functools.partial(
+                ShardStream,
+                seed=training_args.seed,
+                buffer_size=task_args.shuffle_buffer_size,
+                batch_size=batch_size,
+                decode=decoder,
+            ),
             # One stream per dataloader worker, each read by its own one-worker loader (none: in this process).
-            streams_per_process=max(1, workers), num_workers=min(1, workers),
-            process_index=accelerator.process_index, num_processes=accelerator.num_processes, seed=training_args.seed,
-            tokenize=functools.partial(processor.tokenizer, padding="max_length", truncation=True,
-                                       max_length=task_args.train_max_text_length or task_args.max_text_length,
-                                       return_tensors="pt"),
-            device=accelerator.device, record=self._recorder(accelerator, training_args),
+            streams_per_process=max(1, workers),
+            num_workers=min(1, workers),
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            seed=training_args.seed,
+            tokenize=functools.partial(
+                processor.tokenizer,
+                padding="max_length",
+                truncation=True,
+                max_length=task_args.train_max_text_length or task_args.max_text_length,
+                return_tensors="pt",
+            ),
+            device=accelerator.device,
+            record=self._recorder(accelerator, training_args),
         )
         self.train_loader = loader
         video_options = data_args.video_options(processor.video_processor)
         eval_splits = ("validation", "test")
-        eval_loaders = [self.evaluation_dataloader(splits[split], video_options, task_args, data_args, training_args)
-                        for split in eval_splits]
+        eval_loaders = [
+            self.evaluation_dataloader(splits[split], video_options, task_args, data_args, training_args)
+            for split in eval_splits
+        ]
         optimizer = build_optimizer(model, training_args)
         model, optimizer, *eval_loaders = accelerator.prepare(model, optimizer, *eval_loaders)
-        task = self.make_task(accelerator, task_args, training_args, splits, dict(zip(eval_splits, eval_loaders)),
-                              processor)
+        task = self.make_task(
+            accelerator, task_args, training_args, splits, dict(zip(eval_splits, eval_loaders)), processor
+        )
         scheduler = build_scheduler(optimizer, training_args, total_training_steps(loader, training_args))
-        return StreamingTrainingLoop(accelerator, training_args, task, model, optimizer, scheduler, loader, loader,
-                                     checkpoints)
+        return StreamingTrainingLoop(
+            accelerator, training_args, task, model, optimizer, scheduler, loader, loader, checkpoints
+        )
 
     @staticmethod
     def _recorder(accelerator, training_args):

@@ -30,15 +30,27 @@ from stan_arguments import DataArguments, ModelArguments, ScriptCommandLine, Tra
 @dataclass
 class RetrievalArguments:
     alignment: Literal["mean", "mug"] = field(default="mean", metadata={"help": "'mean' (STAN) or 'mug' (Mug-STAN)."})
-    mug_variant: Literal["simple", "full"] = field(default="simple", metadata={"help": "'simple' or 'full' Mug alignment."})
-    mug_lambda: float = field(default=100.0, metadata={"help": "Mug alignment: inverse temperature of its token/frame softmax."})
-    loss_reduction: Literal["sum", "mean"] = field(default="sum", metadata={"help": "'sum' (authors) or 'mean' (CLIP) of the 2 directions."})
+    mug_variant: Literal["simple", "full"] = field(
+        default="simple", metadata={"help": "'simple' or 'full' Mug alignment."}
+    )
+    mug_lambda: float = field(
+        default=100.0, metadata={"help": "Mug alignment: inverse temperature of its token/frame softmax."}
+    )
+    loss_reduction: Literal["sum", "mean"] = field(
+        default="sum", metadata={"help": "'sum' (authors) or 'mean' (CLIP) of the 2 directions."}
+    )
     freeze_text_tower: bool = field(default=False, metadata={"help": "Train the video tower only."})
-    gather_gradient: Literal["global", "local"] = field(default="global", metadata={
-        "help": "'global': the gradient of the whole global batch, as one process would compute it; 'local': the "
-                "authors' (their all-gather keeps only each process's slice: 1/W of it on W processes)."})
+    gather_gradient: Literal["global", "local"] = field(
+        default="global",
+        metadata={
+            "help": "'global': the gradient of the whole global batch, as one process would compute it; 'local': the "
+            "authors' (their all-gather keeps only each process's slice: 1/W of it on W processes)."
+        },
+    )
     max_text_length: int = field(default=32, metadata={"help": "Caption tokens (padded or truncated to this)."})
-    train_video_ids_file: str | None = field(default=None, metadata={"help": "msrvtt/msvd: ids of the training videos."})
+    train_video_ids_file: str | None = field(
+        default=None, metadata={"help": "msrvtt/msvd: ids of the training videos."}
+    )
     validation_video_ids_file: str | None = field(
         default=None, metadata={"help": "msrvtt/msvd: ids of the validation videos."}
     )
@@ -96,11 +108,10 @@ from pathlib import Path  # noqa: E402
 
 import datasets
 import torch
+from stan_training import RowOutputs, TrainingScript, all_gather_with_grad, collate_clips, evaluation_dataloader
 
 from modeling_stan import StanForVideoTextRetrieval, video_text_contrastive_loss
-from modeling_stan.metrics import dual_softmax, querybank_normalize, retrieval_metrics, text_to_video_and_video_to_text
-from modeling_stan.synthetic_videos import MSRVTT_SPLIT_NAMES
-from modeling_stan.video_datasets import (
+from modeling_stan.data.video_datasets import (
     load_activitynet_captions,
     load_didemo,
     load_lsmdc,
@@ -109,7 +120,13 @@ from modeling_stan.video_datasets import (
     load_webvid,
     unique_video_rows,
 )
-from stan_training import RowOutputs, TrainingScript, all_gather_with_grad, collate_clips, evaluation_dataloader
+from modeling_stan.demo.synthetic_videos import MSRVTT_SPLIT_NAMES
+from modeling_stan.evaluation.metrics import (
+    dual_softmax,
+    querybank_normalize,
+    retrieval_metrics,
+    text_to_video_and_video_to_text,
+)
 
 
 BUILDERS = {
@@ -147,8 +164,10 @@ def load_split(data_args: DataArguments, retrieval_args: RetrievalArguments, spl
 def hold_out_videos(train: datasets.Dataset, data_args: DataArguments, seed: int):
     """Splits off `validation_split_percentage` % of the training *videos* (all their captions) for validation."""
     if data_args.validation_split_percentage is None:
-        raise ValueError("No validation annotations: pass --validation_file or --validation_split_percentage (the "
-                         "best checkpoint is chosen on validation, never on test).")
+        raise ValueError(
+            "No validation annotations: pass --validation_file or --validation_split_percentage (the "
+            "best checkpoint is chosen on validation, never on test)."
+        )
     video_indices = sorted(set(train["video_index"]))
     count = max(1, round(len(video_indices) * data_args.validation_split_percentage / 100))
     generator = torch.Generator().manual_seed(seed)
@@ -165,8 +184,13 @@ class RetrievalCollator:
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def __call__(self, samples: list[dict]) -> dict:
-        text = self.tokenizer([sample["caption"] for sample in samples], padding="max_length", truncation=True,
-                              max_length=self.max_length, return_tensors="pt")
+        text = self.tokenizer(
+            [sample["caption"] for sample in samples],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         return {**collate_clips(samples), "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
 
 
@@ -178,15 +202,32 @@ class RetrievalCollator:
 class RetrievalTask:
     """Loss over the features of the whole global batch, and retrieval metrics with and without re-ranking."""
 
-    def __init__(self, accelerator, args: RetrievalArguments, metric_for_best_model: str, eval_batch_size: int,
-                 splits: dict, eval_loaders: dict, tokenizer):
+    def __init__(
+        self,
+        accelerator,
+        args: RetrievalArguments,
+        metric_for_best_model: str,
+        eval_batch_size: int,
+        splits: dict,
+        eval_loaders: dict,
+        tokenizer,
+    ):
         self.accelerator, self.args, self.metric_for_best_model = accelerator, args, metric_for_best_model
-        self.eval_batch_size, self.splits, self.eval_loaders, self.tokenizer = eval_batch_size, splits, eval_loaders, tokenizer
+        self.eval_batch_size, self.splits, self.eval_loaders, self.tokenizer = (
+            eval_batch_size,
+            splits,
+            eval_loaders,
+            tokenizer,
+        )
 
     def training_loss(self, model, batch: dict) -> torch.Tensor:
         # Through the wrapped model's forward, so that DDP synchronises the gradients of this pass.
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        pixel_values=batch["pixel_values"], return_loss=False)
+        outputs = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            return_loss=False,
+        )
         model = self.accelerator.unwrap_model(model)
         # The scores and the loss are computed in float32 whatever the mixed precision of the towers.
         gather = functools.partial(all_gather_with_grad, local_gradient=self.args.gather_gradient == "local")
@@ -217,8 +258,9 @@ class RetrievalTask:
         text_to_video = torch.tensor([position[video_index[row]] for row in queries])
         metrics = text_to_video_and_video_to_text(similarity, text_to_video)
         lam = self.args.dsl_lambda
-        dsl = text_to_video_and_video_to_text(dual_softmax(similarity, lam, axis=0), text_to_video,
-                                              sim_v2t=dual_softmax(similarity, lam, axis=1))
+        dsl = text_to_video_and_video_to_text(
+            dual_softmax(similarity, lam, axis=0), text_to_video, sim_v2t=dual_softmax(similarity, lam, axis=1)
+        )
         metrics.update({f"dsl_{name}": value for name, value in dsl.items()})
         if split == "test" and "train" in self.splits:
             # Encoding the querybank (all training captions) is too costly to repeat at every validation.
@@ -230,15 +272,17 @@ class RetrievalTask:
         """Text-to-video metrics after QB-Norm, the querybank being the training captions scored on this gallery."""
         bank_captions = self.splits["train"].with_format(None)["caption"][: self.args.qb_norm_bank_size]
         bank = self._similarity(model, self._text_features(model, bank_captions), videos)
-        normalized = querybank_normalize(similarity, bank, beta=self.args.qb_norm_beta,
-                                         k=min(self.args.qb_norm_k, similarity.shape[1]))
+        normalized = querybank_normalize(
+            similarity, bank, beta=self.args.qb_norm_beta, k=min(self.args.qb_norm_k, similarity.shape[1])
+        )
         return {f"qbnorm_t2v_{name}": value for name, value in retrieval_metrics(normalized, text_to_video).items()}
 
     def _video_features(self, model, split: str) -> dict[str, torch.Tensor]:
         """Embeddings of the split's distinct videos (those that decoded), from every process, sorted by row."""
         config = model.config
-        outputs = RowOutputs(video_embeds=(config.projection_dim,),
-                             frame_embeds=(config.num_frames, config.projection_dim))
+        outputs = RowOutputs(
+            video_embeds=(config.projection_dim,), frame_embeds=(config.num_frames, config.projection_dim)
+        )
         for batch in self.eval_loaders[split]:
             if batch is None:
                 continue
@@ -254,23 +298,35 @@ class RetrievalTask:
         with self.accelerator.split_between_processes(list(enumerate(captions))) as share:
             for start in range(0, len(share), self.eval_batch_size):
                 indices, chunk = zip(*share[start : start + self.eval_batch_size])
-                text = self.tokenizer(list(chunk), padding="max_length", truncation=True, max_length=length,
-                                      return_tensors="pt").to(self.accelerator.device)
+                text = self.tokenizer(
+                    list(chunk), padding="max_length", truncation=True, max_length=length, return_tensors="pt"
+                ).to(self.accelerator.device)
                 with self.accelerator.autocast():
                     features = model.get_text_features(text["input_ids"], text["attention_mask"])
-                outputs.add(torch.tensor(indices), text_embeds=features.pooler_output,
-                            token_embeds=features.token_embeds, text_attention_mask=text["attention_mask"])
+                outputs.add(
+                    torch.tensor(indices),
+                    text_embeds=features.pooler_output,
+                    token_embeds=features.token_embeds,
+                    text_attention_mask=text["attention_mask"],
+                )
         return outputs.gather(self.accelerator.device)
 
     def _similarity(self, model, texts: dict, videos: dict) -> torch.Tensor:
         """Unscaled (texts, videos) scores under the model's alignment, texts in blocks to bound memory."""
         blocks = []
         for start in range(0, len(texts["text_embeds"]), self.eval_batch_size):
-            block = {name: value[start : start + self.eval_batch_size] for name, value in texts.items() if name != "rows"}
-            blocks.append(model.similarity(
-                block["text_embeds"], videos["video_embeds"], token_embeds=block["token_embeds"],
-                text_attention_mask=block["text_attention_mask"].long(), frame_embeds=videos["frame_embeds"],
-            ))
+            block = {
+                name: value[start : start + self.eval_batch_size] for name, value in texts.items() if name != "rows"
+            }
+            blocks.append(
+                model.similarity(
+                    block["text_embeds"],
+                    videos["video_embeds"],
+                    token_embeds=block["token_embeds"],
+                    text_attention_mask=block["text_attention_mask"].long(),
+                    frame_embeds=videos["frame_embeds"],
+                )
+            )
         return torch.cat(blocks)
 
 
@@ -286,18 +342,21 @@ class RetrievalScript(TrainingScript):
     summary_metrics = ("t2v_R@1", "t2v_R@5", "t2v_R@10", "t2v_MdR", "v2t_R@1", "dsl_t2v_R@1")
     # A saved checkpoint carries its pipeline code (custom_pipelines), which transformers runs only with
     # trust_remote_code=True, with or without this package installed.
-    next_command = ("python -c \"from transformers import pipeline; "
-                    "print(pipeline('zero-shot-video-classification', model='{output_dir}', trust_remote_code=True)("
-                    "'video.mp4', candidate_labels=['a red square moves from left to right', 'a blue circle moves "
-                    "from top to bottom'], hypothesis_template='{{}}'))\"")
+    next_command = (
+        'python -c "from transformers import pipeline; '
+        "print(pipeline('zero-shot-video-classification', model='{output_dir}', trust_remote_code=True)("
+        "'video.mp4', candidate_labels=['a red square moves from left to right', 'a blue circle moves "
+        "from top to bottom'], hypothesis_template='{{}}'))\""
+    )
 
     def use_synthetic_dataset(self, data_args: DataArguments, root: Path) -> None:
         # The synthetic dataset ships an MSR-VTT-style annotation file holding all three splits.
         data_args.dataset, data_args.video_dir = "msrvtt", str(root / "videos")
         data_args.annotation_file = str(root / "msrvtt" / "MSRVTT_data.json")
 
-    def load_splits(self, data_args: DataArguments, task_args: RetrievalArguments,
-                    training_args: TrainingArguments) -> dict:
+    def load_splits(
+        self, data_args: DataArguments, task_args: RetrievalArguments, training_args: TrainingArguments
+    ) -> dict:
         splits = {split: load_split(data_args, task_args, split) for split in ("train", "validation", "test")}
         if not training_args.do_train:
             # Evaluation only: the test split, and validation and train (the QB-Norm querybank) if given.
@@ -313,8 +372,12 @@ class RetrievalScript(TrainingScript):
         return splits
 
     def model_config_fields(self, task_args: RetrievalArguments, splits: dict) -> dict:
-        return {"alignment": task_args.alignment, "mug_variant": task_args.mug_variant,
-                "mug_lambda": task_args.mug_lambda, "loss_reduction": task_args.loss_reduction}
+        return {
+            "alignment": task_args.alignment,
+            "mug_variant": task_args.mug_variant,
+            "mug_lambda": task_args.mug_lambda,
+            "loss_reduction": task_args.loss_reduction,
+        }
 
     def prepare_model(self, model, task_args: RetrievalArguments, processor) -> None:
         if task_args.freeze_text_tower:
@@ -326,12 +389,20 @@ class RetrievalScript(TrainingScript):
 
     def evaluation_dataloader(self, rows, video_options, task_args, data_args, training_args):
         # The gallery: one row per distinct video.
-        return evaluation_dataloader(rows, unique_video_rows(rows), video_options, collate_clips, data_args,
-                                     training_args)
+        return evaluation_dataloader(
+            rows, unique_video_rows(rows), video_options, collate_clips, data_args, training_args
+        )
 
     def make_task(self, accelerator, task_args, training_args, splits, eval_loaders, processor) -> RetrievalTask:
-        return RetrievalTask(accelerator, task_args, training_args.metric_for_best_model,
-                             training_args.per_device_eval_batch_size, splits, eval_loaders, processor.tokenizer)
+        return RetrievalTask(
+            accelerator,
+            task_args,
+            training_args.metric_for_best_model,
+            training_args.per_device_eval_batch_size,
+            splits,
+            eval_loaders,
+            processor.tokenizer,
+        )
 
 
 main = RetrievalScript().main

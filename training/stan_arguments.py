@@ -28,13 +28,16 @@ HIDDEN = argparse.SUPPRESS
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "CLIP checkpoint (Hub id or folder) to build STAN around, or a STAN checkpoint (post-pretrained, "
-                          "converted or fine-tuned) to start from, whose STAN fields are then used. Unset: a tiny random "
-                          "CLIP built offline into OUTPUT_DIR/tiny_clip, with the demo defaults (synthetic demo and tests)."},
+        metadata={
+            "help": "CLIP checkpoint (Hub id or folder) to build STAN around, or a STAN checkpoint (post-pretrained, "
+            "converted or fine-tuned) to start from, whose STAN fields are then used. Unset: a tiny random "
+            "CLIP built offline into OUTPUT_DIR/tiny_clip, with the demo defaults (synthetic demo and tests)."
+        },
     )
     stan_depth: int = field(default=4, metadata={"help": "STAN layers K (0: the plain CLIP mean-pooling baseline)."})
     temporal_module: Literal["attention", "conv"] = field(
-        default="attention", metadata={"help": "STAN's temporal module: 'attention' (STAN-self) or 'conv' (STAN-conv)."}
+        default="attention",
+        metadata={"help": "STAN's temporal module: 'attention' (STAN-self) or 'conv' (STAN-conv)."},
     )
     drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth of the last STAN layer."})
     fixed_logit_scale: float | None = field(
@@ -92,8 +95,12 @@ class DataArguments:
 
     def video_options(self, video_processor) -> dict:
         """The `DecodedVideoDataset` options these arguments set."""
-        return {"video_processor": video_processor, "num_frames": self.num_frames, "sampling": self.sampling,
-                "random_resized_crop_scale": self.random_resized_crop_scale}
+        return {
+            "video_processor": video_processor,
+            "num_frames": self.num_frames,
+            "sampling": self.sampling,
+            "random_resized_crop_scale": self.random_resized_crop_scale,
+        }
 
 
 # What a re-run does with the checkpoints it finds: `stan_checkpointing.choose_checkpoint`.
@@ -110,14 +117,21 @@ class TrainingArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints and the final model go."})
     do_train: bool = field(
         default=True,
-        metadata={"help": "False: only evaluate the model as given (e.g. zero-shot) on the validation and test splits."},
+        metadata={
+            "help": "False: only evaluate the model as given (e.g. zero-shot) on the validation and test splits."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete the checkpoints of an earlier run in OUTPUT_DIR and start afresh."}
     )
     resume_from_checkpoint: str = field(default="auto", metadata={"help": RESUME_HELP})
-    seed: int = field(default=42, metadata={"help": "Seed of the new weights, the synthetic data, the data order and the "
-                                                        "augmentations (not of the demo's tiny CLIP, a fixed draw)."})
+    seed: int = field(
+        default=42,
+        metadata={
+            "help": "Seed of the new weights, the synthetic data, the data order and the "
+            "augmentations (not of the demo's tiny CLIP, a fixed draw)."
+        },
+    )
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Training videos per process per step."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation videos per process per batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -133,7 +147,8 @@ class TrainingArguments:
     num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs to train (ignored with --max_steps)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to train; > 0 overrides num_train_epochs."})
     lr_scheduler_type: str = field(
-        default="cosine", metadata={"help": "A transformers scheduler: linear, cosine, constant, constant_with_warmup..."}
+        default="cosine",
+        metadata={"help": "A transformers scheduler: linear, cosine, constant, constant_with_warmup..."},
     )
     warmup_ratio: float = field(default=0.1, metadata={"help": "Warm-up steps as a fraction of the training steps."})
     warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps; > 0 overrides warmup_ratio."})
@@ -143,12 +158,19 @@ class TrainingArguments:
     eval_strategy: Literal["epoch", "steps", "no"] = field(
         default="epoch", metadata={"help": "Validate at the end of every epoch, every --eval_steps steps, or never."}
     )
-    eval_steps: int | None = field(default=None, metadata={"help": "Steps between validations (--eval_strategy steps)."})
-    save_strategy: Literal["epoch", "steps", "no"] = field(
-        default="epoch", metadata={"help": "Checkpoint at the end of every epoch, every --save_steps steps, or never "
-                                           "(a validation that improves the best metric always checkpoints)."}
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Steps between validations (--eval_strategy steps)."}
     )
-    save_steps: int | None = field(default=None, metadata={"help": "Steps between checkpoints (--save_strategy steps)."})
+    save_strategy: Literal["epoch", "steps", "no"] = field(
+        default="epoch",
+        metadata={
+            "help": "Checkpoint at the end of every epoch, every --save_steps steps, or never "
+            "(a validation that improves the best metric always checkpoints)."
+        },
+    )
+    save_steps: int | None = field(
+        default=None, metadata={"help": "Steps between checkpoints (--save_strategy steps)."}
+    )
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept, besides the best one."})
     metric_for_best_model: str | None = field(
         default=None, metadata={"help": "Validation metric that picks the best checkpoint (the exported model)."}
@@ -156,20 +178,25 @@ class TrainingArguments:
     greater_is_better: bool = field(default=True, metadata={"help": "False for ranks (MdR, MnR) and error counts."})
     min_usable_sample_fraction: float = field(
         default=0.8,
-        metadata={"help": "Stop with an error when fewer than this fraction of an epoch's training samples could be "
-                          "used (the rest failed to decode): a wrong --video_dir or --video_ext, not bad luck."},
+        metadata={
+            "help": "Stop with an error when fewer than this fraction of an epoch's training samples could be "
+            "used (the rest failed to decode): a wrong --video_dir or --video_ext, not bad luck."
+        },
     )
     max_nonfinite_steps: int = field(
         default=3, metadata={"help": "Stop after this many consecutive steps with a NaN/inf loss or gradient."}
     )
     logging_steps: int = field(default=10, metadata={"help": "Steps between logged training losses."})
     report_to: str = field(
-        default="none", metadata={"help": "Accelerate tracker: none, tensorboard, wandb, ... (logs under OUTPUT_DIR/runs)."}
+        default="none",
+        metadata={"help": "Accelerate tracker: none, tensorboard, wandb, ... (logs under OUTPUT_DIR/runs)."},
     )
     log_level: Literal["warning", "info", "debug"] = field(
         default="warning",
-        metadata={"help": "Level of the libraries' logs (transformers, datasets, accelerate); the scripts' own "
-                          "progress lines are always shown."},
+        metadata={
+            "help": "Level of the libraries' logs (transformers, datasets, accelerate); the scripts' own "
+            "progress lines are always shown."
+        },
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model folder to --hub_model_id."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository. Unset: OUTPUT_DIR's name."})
@@ -185,8 +212,13 @@ class TrainingArguments:
         for strategy in ("eval", "save"):
             if getattr(self, f"{strategy}_strategy") == "steps" and not (getattr(self, f"{strategy}_steps") or 0) > 0:
                 raise ValueError(f"--{strategy}_strategy steps needs --{strategy}_steps > 0.")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_nonfinite_steps", "logging_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "max_nonfinite_steps",
+            "logging_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if not 0.0 <= self.min_usable_sample_fraction <= 1.0:
@@ -251,14 +283,19 @@ class ScriptCommandLine:
     def _parser(self, defaults: dict, is_demo: bool = True) -> argparse.ArgumentParser:
         from transformers import HfArgumentParser  # light: the parser module imports neither torch nor the models
 
-        which = ("the demo's (no --model_name_or_path; add one to --help to see the recipe's)" if is_demo
-                 else "the recipe's (--model_name_or_path given)")
+        which = (
+            "the demo's (no --model_name_or_path; add one to --help to see the recipe's)"
+            if is_demo
+            else "the recipe's (--model_name_or_path given)"
+        )
         parser = HfArgumentParser(
-            self.argument_types, description=self.description, formatter_class=argparse.RawDescriptionHelpFormatter,
+            self.argument_types,
+            description=self.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
             usage="%(prog)s [--config FILE] [--OPTION VALUE ...]  (options below)",
             allow_abbrev=False,  # a mistyped flag must fail, not silently set another one it abbreviates
             epilog="--config FILE: a YAML or JSON file of options (flag names without '--'); flags override it.\n"
-                   f"The defaults shown are {which}.",
+            f"The defaults shown are {which}.",
         )
         for action in parser._actions:
             if action.dest == "dataset":
@@ -309,7 +346,9 @@ def _config_file_values(parser: argparse.ArgumentParser, path: str) -> dict:
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {unknown}; the keys are the script's flags without '--' (see --help).")
+        raise ValueError(
+            f"{path}: unknown option(s) {unknown}; the keys are the script's flags without '--' (see --help)."
+        )
     return {name: _convert_option(actions[name], value, path) for name, value in values.items()}
 
 

@@ -43,8 +43,14 @@ class CheckpointManager:
         run_arguments: the run's arguments (JSON-serialisable), written into every checkpoint's `run.json`.
     """
 
-    def __init__(self, accelerator: Accelerator, directory: str | os.PathLike, total_limit: int | None = None,
-                 write_delay: float = 0.0, run_arguments: dict | None = None):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        directory: str | os.PathLike,
+        total_limit: int | None = None,
+        write_delay: float = 0.0,
+        run_arguments: dict | None = None,
+    ):
         if total_limit is not None and total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1 or None, got {total_limit}.")
         self.accelerator = accelerator
@@ -72,8 +78,9 @@ class CheckpointManager:
         path = self.path(step) / RUN_FILE
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
-    def save(self, step: int, protected_step: int | None = None, metadata: dict | None = None,
-             replace: bool = False) -> Path:
+    def save(
+        self, step: int, protected_step: int | None = None, metadata: dict | None = None, replace: bool = False
+    ) -> Path:
         """Saves the full training state of `step` atomically (all processes call this), then prunes. `metadata`
         goes into `run.json` with the run's arguments. An existing checkpoint of `step` is kept unless `replace`
         (the state of that step changed since, e.g. a validation after it)."""
@@ -115,7 +122,7 @@ class CheckpointManager:
 
     def _prune(self, protected_step: int | None) -> None:
         steps = self.steps()
-        keep = set(steps if self.total_limit is None else steps[-self.total_limit:])
+        keep = set(steps if self.total_limit is None else steps[-self.total_limit :])
         if protected_step is not None:
             keep.add(protected_step)
         for step in steps:
@@ -169,8 +176,10 @@ def choose_checkpoint(manager: CheckpointManager, spec: str) -> Resumption:
     where = manager.directory
     if spec == "never":
         if latest is not None:
-            raise RerunError(f"{where} holds checkpoints of an earlier run and --resume_from_checkpoint is 'never': "
-                             "pass --overwrite_output_dir to delete them, or another --output_dir.")
+            raise RerunError(
+                f"{where} holds checkpoints of an earlier run and --resume_from_checkpoint is 'never': "
+                "pass --overwrite_output_dir to delete them, or another --output_dir."
+            )
         return Resumption(None, f"Starting a new run in {where.parent}.")
     if spec not in ("auto", "latest"):
         path = Path(spec)
@@ -191,11 +200,17 @@ def choose_checkpoint(manager: CheckpointManager, spec: str) -> Resumption:
         )
     step, total = run.get("step"), run.get("total_steps")
     if step is not None and step == total:
-        return Resumption(latest, f"The run in {where.parent} already finished training (step {step} of {total}) with "
-                                  "these arguments: evaluating and exporting it again (--overwrite_output_dir trains "
-                                  "afresh).")
-    return Resumption(latest, f"Resuming the unfinished run in {where.parent} from {latest.name} (step {step} of "
-                              f"{total}): same arguments as this command (--overwrite_output_dir starts afresh).")
+        return Resumption(
+            latest,
+            f"The run in {where.parent} already finished training (step {step} of {total}) with "
+            "these arguments: evaluating and exporting it again (--overwrite_output_dir trains "
+            "afresh).",
+        )
+    return Resumption(
+        latest,
+        f"Resuming the unfinished run in {where.parent} from {latest.name} (step {step} of "
+        f"{total}): same arguments as this command (--overwrite_output_dir starts afresh).",
+    )
 
 
 def _differences(saved: dict | None, current: dict) -> str:

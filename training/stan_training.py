@@ -30,20 +30,6 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, load_fsdp_model, set_seed
-from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Sampler
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import AutoTokenizer, get_scheduler
-
-from modeling_stan import StanConfig
-from modeling_stan.model_card import write_training_model_card
-from modeling_stan.processing_stan import StanProcessor
-from modeling_stan.synthetic_videos import generate_synthetic_dataset
-from modeling_stan.testing_utils import save_tiny_clip
-from modeling_stan.video_datasets import SkipCorruptCollator, make_decode_transform
-from modeling_stan.vifi_prompts import PROMPT_CONFIG_FIELDS
-from modeling_stan.video_processing_stan import StanVideoProcessor
 from stan_arguments import (
     DataArguments,
     ModelArguments,
@@ -52,12 +38,26 @@ from stan_arguments import (
     arguments_dict,
 )
 from stan_checkpointing import CheckpointManager, RerunError, Resumption, choose_checkpoint
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import AutoTokenizer, get_scheduler
+
+from modeling_stan import StanConfig
+from modeling_stan.data.video_datasets import SkipCorruptCollator, make_decode_transform
+from modeling_stan.demo.synthetic_videos import generate_synthetic_dataset
+from modeling_stan.demo.tiny_clip import save_tiny_clip
+from modeling_stan.hub.model_card import write_training_model_card
+from modeling_stan.processing_stan import StanProcessor
+from modeling_stan.video_processing_stan import StanVideoProcessor
+from modeling_stan.vifi_prompts import PROMPT_CONFIG_FIELDS
 
 
 logger = get_logger(__name__)
 
 SPLITS = ("train", "validation", "test")
-# The default model of the no-argument demos: the offline tiny CLIP of `modeling_stan.testing_utils`, with two vision
+# The default model of the no-argument demos: the offline tiny CLIP of `modeling_stan.demo.tiny_clip`, with two vision
 # layers instead of six (faster) and a 5x larger initialisation scale: a random CLIP starts this task on a long
 # plateau (constant predictions), which larger initial weights shorten.
 DEMO_CLIP_OVERRIDES = {"vision_config": {"num_hidden_layers": 2}, "initializer_factor": 5.0}
@@ -96,8 +96,9 @@ RUN_LOGGERS = ("stan_training", "stan_checkpointing")
 def _configure_logging(accelerator: Accelerator, log_level: str) -> None:
     """Our progress lines on the main process; the libraries' logs (accelerate logs every checkpoint file at INFO)
     and progress bars only from `--log_level`, so that the training bar is the one bar of a run."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.WARNING)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.WARNING
+    )
     for name in RUN_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     library_level = getattr(logging, log_level.upper()) if accelerator.is_main_process else logging.ERROR
@@ -113,28 +114,47 @@ def _configure_logging(accelerator: Accelerator, log_level: str) -> None:
 
 
 # Arguments that do not change what is trained: a re-run that changes only these continues the same run.
-NOT_RUN_DEFINING = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "report_to",
-                    "log_level", "push_to_hub", "hub_model_id", "hub_private_repo", "per_device_eval_batch_size",
-                    "dataloader_num_workers", "debug_dump_dir", "debug_checkpoint_write_delay")
+NOT_RUN_DEFINING = (
+    "output_dir",
+    "overwrite_output_dir",
+    "resume_from_checkpoint",
+    "logging_steps",
+    "report_to",
+    "log_level",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private_repo",
+    "per_device_eval_batch_size",
+    "dataloader_num_workers",
+    "debug_dump_dir",
+    "debug_checkpoint_write_delay",
+)
 
 
 def run_defining_arguments(*arguments) -> dict:
     return {name: value for name, value in arguments_dict(*arguments).items() if name not in NOT_RUN_DEFINING}
 
 
-def checkpoints_and_resumption(accelerator: Accelerator, args: TrainingArguments,
-                               run_arguments: dict) -> tuple[CheckpointManager, Resumption]:
+def checkpoints_and_resumption(
+    accelerator: Accelerator, args: TrainingArguments, run_arguments: dict
+) -> tuple[CheckpointManager, Resumption]:
     """The run's checkpoint manager, and what the run does with the checkpoints already in OUTPUT_DIR (logged as
     one line); `--overwrite_output_dir` deletes them first."""
-    checkpoints = CheckpointManager(accelerator, Path(args.output_dir) / "checkpoints", args.save_total_limit,
-                                    args.debug_checkpoint_write_delay, run_arguments=run_arguments)
+    checkpoints = CheckpointManager(
+        accelerator,
+        Path(args.output_dir) / "checkpoints",
+        args.save_total_limit,
+        args.debug_checkpoint_write_delay,
+        run_arguments=run_arguments,
+    )
     if args.overwrite_output_dir and checkpoints.steps():
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(checkpoints.directory)
         accelerator.wait_for_everyone()
-        logger.info(f"--overwrite_output_dir: deleted the checkpoints in {checkpoints.directory}.",
-                    main_process_only=True)
+        logger.info(
+            f"--overwrite_output_dir: deleted the checkpoints in {checkpoints.directory}.", main_process_only=True
+        )
     resumption = choose_checkpoint(checkpoints, args.resume_from_checkpoint)
     logger.info(resumption.message, main_process_only=True)
     return checkpoints, resumption
@@ -155,14 +175,18 @@ def prepare_once(accelerator: Accelerator, target: Path, build: Callable[[Path],
     return target
 
 
-def synthetic_dataset_root(accelerator: Accelerator, data_args: DataArguments, output_dir: Path,
-                           seed: int) -> Path | None:
-    """For `--dataset synthetic`, the root of the dataset of `modeling_stan.synthetic_videos` in `--data_dir`
+def synthetic_dataset_root(
+    accelerator: Accelerator, data_args: DataArguments, output_dir: Path, seed: int
+) -> Path | None:
+    """For `--dataset synthetic`, the root of the dataset of `modeling_stan.demo.synthetic_videos` in `--data_dir`
     (default OUTPUT_DIR/synthetic_data), generated on first use; None for other datasets."""
     if data_args.dataset != "synthetic":
         return None
-    sizes = {"train": data_args.synthetic_num_train, "validation": data_args.synthetic_num_val,
-             "test": data_args.synthetic_num_test}
+    sizes = {
+        "train": data_args.synthetic_num_train,
+        "validation": data_args.synthetic_num_val,
+        "test": data_args.synthetic_num_test,
+    }
     root = prepare_once(
         accelerator,
         Path(data_args.data_dir or output_dir / "synthetic_data"),
@@ -185,8 +209,15 @@ def is_stan_checkpoint(model_path: str) -> bool:
     return StanConfig.get_config_dict(model_path)[0].get("model_type") == StanConfig.model_type
 
 
-def load_stan_model(model_class: type, model_path: str, model_args: ModelArguments, seed: int,
-                    given: set[str] = frozenset(), options: set[str] = frozenset(), **config_fields):
+def load_stan_model(
+    model_class: type,
+    model_path: str,
+    model_args: ModelArguments,
+    seed: int,
+    given: set[str] = frozenset(),
+    options: set[str] = frozenset(),
+    **config_fields,
+):
     """The model to train or evaluate, with the model arguments' and `config_fields`' `StanConfig` fields.
 
     From a CLIP checkpoint: `model_class.from_clip_pretrained`. From a STAN checkpoint: its weights and STAN fields;
@@ -214,8 +245,9 @@ def load_stan_model(model_class: type, model_path: str, model_args: ModelArgumen
     return model
 
 
-def _fields_over_checkpoint(model_path: str, fields: dict, given: set[str], options: set[str],
-                            model_class: type) -> dict:
+def _fields_over_checkpoint(
+    model_path: str, fields: dict, given: set[str], options: set[str], model_class: type
+) -> dict:
     """The fields to set on a STAN checkpoint's config; raises on a flag that contradicts the checkpoint.
 
     `options` are the script's option names, `given` those the user set. Options left at their defaults yield to the
@@ -226,14 +258,22 @@ def _fields_over_checkpoint(model_path: str, fields: dict, given: set[str], opti
     free = set(_ALWAYS_FREE_FIELDS)
     if model_class.__name__ not in (checkpoint.get("architectures") or []):
         free |= set(_HEAD_FIELDS)
-    conflicts = [f"--{name} {value!r} (the checkpoint has {checkpoint[name]!r})" for name, value in fields.items()
-                 if name in given and name not in free and name in checkpoint and checkpoint[name] != value]
+    conflicts = [
+        f"--{name} {value!r} (the checkpoint has {checkpoint[name]!r})"
+        for name, value in fields.items()
+        if name in given and name not in free and name in checkpoint and checkpoint[name] != value
+    ]
     if conflicts:
-        raise ValueError(f"--model_name_or_path {model_path} is a STAN checkpoint whose fields these flags contradict: "
-                         f"{'; '.join(conflicts)}. Drop them to use the checkpoint's values, or start from a CLIP "
-                         "checkpoint to build a different STAN.")
-    return {name: value for name, value in fields.items()
-            if name not in options or name in free and (name == "num_frames" or name in given)}
+        raise ValueError(
+            f"--model_name_or_path {model_path} is a STAN checkpoint whose fields these flags contradict: "
+            f"{'; '.join(conflicts)}. Drop them to use the checkpoint's values, or start from a CLIP "
+            "checkpoint to build a different STAN."
+        )
+    return {
+        name: value
+        for name, value in fields.items()
+        if name not in options or name in free and (name == "num_frames" or name in given)
+    }
 
 
 # StanConfig fields of a task head rather than of the shared towers.
@@ -248,8 +288,13 @@ def model_source(accelerator: Accelerator, model_args: ModelArguments, output_di
     OUTPUT_DIR/tiny_clip."""
     if model_args.model_name_or_path is not None:
         return model_args.model_name_or_path
-    return str(prepare_once(accelerator, output_dir / "tiny_clip",
-                            lambda folder: save_tiny_clip(folder, seed=DEMO_CLIP_SEED, **DEMO_CLIP_OVERRIDES)))
+    return str(
+        prepare_once(
+            accelerator,
+            output_dir / "tiny_clip",
+            lambda folder: save_tiny_clip(folder, seed=DEMO_CLIP_SEED, **DEMO_CLIP_OVERRIDES),
+        )
+    )
 
 
 def _check_synthetic_sizes(root: Path, sizes: dict[str, int]) -> None:
@@ -306,7 +351,7 @@ class DecodedVideoDataset(torch.utils.data.Dataset):
     """The rows of a `datasets.Dataset`, decoded on access and turned into `pixel_values` by a video processor.
 
     Keys are `(row, sample_seed)` pairs from `EpochSampler`. Decoding goes through
-    `modeling_stan.video_datasets.make_decode_transform` (a corrupt video gets `decode_error` and no pixels instead
+    `modeling_stan.data.video_datasets.make_decode_transform` (a corrupt video gets `decode_error` and no pixels instead
     of raising), with a fresh transform seeded from `sample_seed` for each sample, and the processor's random crop
     draws from a generator seeded from it too: a sample's clip is a function of its key alone.
 
@@ -314,9 +359,18 @@ class DecodedVideoDataset(torch.utils.data.Dataset):
     `(num_clips * num_crops, T, 3, H, W)` (None for a corrupt video), views clip-major as the processor orders them.
     """
 
-    def __init__(self, rows: datasets.Dataset, video_processor, *, num_frames: int, sampling: str = "uniform",
-                 train: bool = False, num_clips: int = 1, num_crops: int = 1,
-                 random_resized_crop_scale: Sequence[float] | None = None):
+    def __init__(
+        self,
+        rows: datasets.Dataset,
+        video_processor,
+        *,
+        num_frames: int,
+        sampling: str = "uniform",
+        train: bool = False,
+        num_clips: int = 1,
+        num_crops: int = 1,
+        random_resized_crop_scale: Sequence[float] | None = None,
+    ):
         self.rows, self.video_processor = rows, video_processor
         self.num_frames, self.sampling, self.train = num_frames, sampling, train
         self.num_clips, self.num_crops = num_clips, num_crops
@@ -328,8 +382,9 @@ class DecodedVideoDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int | None]) -> dict:
         row, sample_seed = key
         decode_seed, crop_seed = (None, None) if sample_seed is None else map(int, _child_seeds(sample_seed))
-        transform = make_decode_transform(self.num_frames, self.sampling, self.train, seed=decode_seed,
-                                          decode_options={"num_clips": self.num_clips})
+        transform = make_decode_transform(
+            self.num_frames, self.sampling, self.train, seed=decode_seed, decode_options={"num_clips": self.num_clips}
+        )
         sample = {name: values[0] for name, values in transform(self.rows[row : row + 1]).items()}
         frames = sample.pop("frames")
         sample["pixel_values"] = None if frames is None else self._views(frames, crop_seed)
@@ -360,27 +415,47 @@ def collate_clips(samples: list[dict]) -> dict:
     }
 
 
-def training_dataloader(rows: datasets.Dataset, video_options: dict, collate: Callable, data_args: DataArguments,
-                        args: TrainingArguments, num_processes: int) -> tuple[DataLoader, EpochSampler]:
+def training_dataloader(
+    rows: datasets.Dataset,
+    video_options: dict,
+    collate: Callable,
+    data_args: DataArguments,
+    args: TrainingArguments,
+    num_processes: int,
+) -> tuple[DataLoader, EpochSampler]:
     """The (unprepared) training loader over `rows` and its sampler; corrupt samples are skipped and counted
     (`TrainingCollator`)."""
     global_batch = args.per_device_train_batch_size * num_processes * args.gradient_accumulation_steps
     sampler = EpochSampler(len(rows), seed=args.seed, shuffle=True, multiple_of=global_batch)
     dataset = DecodedVideoDataset(rows, train=True, **video_options)
-    loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, args.per_device_train_batch_size, drop_last=False),
-                        collate_fn=TrainingCollator(collate), num_workers=data_args.dataloader_num_workers,
-                        generator=_private_generator(args.seed))
+    loader = DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, args.per_device_train_batch_size, drop_last=False),
+        collate_fn=TrainingCollator(collate),
+        num_workers=data_args.dataloader_num_workers,
+        generator=_private_generator(args.seed),
+    )
     return loader, sampler
 
 
-def evaluation_dataloader(rows: datasets.Dataset, keep_rows: Sequence[int], video_options: dict, collate: Callable,
-                          data_args: DataArguments, args: TrainingArguments) -> DataLoader:
+def evaluation_dataloader(
+    rows: datasets.Dataset,
+    keep_rows: Sequence[int],
+    video_options: dict,
+    collate: Callable,
+    data_args: DataArguments,
+    args: TrainingArguments,
+) -> DataLoader:
     """The (unprepared) loader of rows `keep_rows` of `rows`, in order, without augmentation."""
     dataset = DecodedVideoDataset(rows, train=False, **video_options)
     keys = [(row, None) for row in keep_rows]
-    return DataLoader(dataset, batch_sampler=BatchSampler(keys, args.per_device_eval_batch_size, drop_last=False),
-                      collate_fn=SkipCorruptCollator(collate), num_workers=data_args.dataloader_num_workers,
-                      generator=_private_generator(args.seed))
+    return DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(keys, args.per_device_eval_batch_size, drop_last=False),
+        collate_fn=SkipCorruptCollator(collate),
+        num_workers=data_args.dataloader_num_workers,
+        generator=_private_generator(args.seed),
+    )
 
 
 def _private_generator(seed: int) -> torch.Generator:
@@ -394,8 +469,9 @@ def _private_generator(seed: int) -> torch.Generator:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parameter_groups(model: nn.Module, *, learning_rate: float, weight_decay: float,
-                     stan_lr_multiplier: float) -> list[dict]:
+def parameter_groups(
+    model: nn.Module, *, learning_rate: float, weight_decay: float, stan_lr_multiplier: float
+) -> list[dict]:
     """AdamW parameter groups of the authors' recipe.
 
     No weight decay on vectors and scalars (biases, norm weights, CLIP's class embedding, the logit scale) nor on
@@ -409,21 +485,29 @@ def parameter_groups(model: nn.Module, *, learning_rate: float, weight_decay: fl
             continue
         decay = parameter.ndim >= 2 and id(parameter) not in embedding_tables
         stan = ".stan." in f".{name}"
-        group = groups.setdefault((decay, stan), {
-            "name": f"{'stan' if stan else 'clip'}_{'decay' if decay else 'no_decay'}",
-            "params": [],
-            "lr": learning_rate * (stan_lr_multiplier if stan else 1.0),
-            "weight_decay": weight_decay if decay else 0.0,
-        })
+        group = groups.setdefault(
+            (decay, stan),
+            {
+                "name": f"{'stan' if stan else 'clip'}_{'decay' if decay else 'no_decay'}",
+                "params": [],
+                "lr": learning_rate * (stan_lr_multiplier if stan else 1.0),
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
         group["params"].append(parameter)
     return list(groups.values())
 
 
 def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.AdamW:
-    groups = parameter_groups(model, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                              stan_lr_multiplier=args.stan_lr_multiplier)
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_epsilon)
+    groups = parameter_groups(
+        model,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        stan_lr_multiplier=args.stan_lr_multiplier,
+    )
+    return torch.optim.AdamW(
+        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+    )
 
 
 def steps_per_epoch(train_loader: DataLoader, args: TrainingArguments) -> int:
@@ -476,7 +560,9 @@ def all_gather_with_grad(tensor: torch.Tensor, local_gradient: bool = False) -> 
     shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
     dist.all_gather(shapes, shape)
     if any(not torch.equal(other[1:], shape[1:]) for other in shapes):
-        raise ValueError(f"all_gather_with_grad: the processes' tensors differ beyond dim 0: {[s.tolist() for s in shapes]}.")
+        raise ValueError(
+            f"all_gather_with_grad: the processes' tensors differ beyond dim 0: {[s.tolist() for s in shapes]}."
+        )
     return _AllGatherRows.apply(tensor, [int(other[0]) for other in shapes], local_gradient)
 
 
@@ -647,9 +733,18 @@ class TrainingLoop:
     with `TrainingRunError` when an epoch has too few usable samples or yields no step.
     """
 
-    def __init__(self, accelerator: Accelerator, args: TrainingArguments, task: TrainingTask, model: nn.Module,
-                 optimizer, scheduler, train_loader: DataLoader, train_sampler: EpochSampler,
-                 checkpoints: CheckpointManager):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        args: TrainingArguments,
+        task: TrainingTask,
+        model: nn.Module,
+        optimizer,
+        scheduler,
+        train_loader: DataLoader,
+        train_sampler: EpochSampler,
+        checkpoints: CheckpointManager,
+    ):
         self.accelerator, self.args, self.task = accelerator, args, task
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_loader, self.train_sampler = train_loader, train_sampler
@@ -667,8 +762,13 @@ class TrainingLoop:
         if resume is not None:
             self.accelerator.load_state(str(resume))
         self._log_plan()
-        self.bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
-                        disable=not self.accelerator.is_local_main_process)
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=self.progress.step,
+            desc="training",
+            unit="step",
+            disable=not self.accelerator.is_local_main_process,
+        )
         with self.bar, logging_redirect_tqdm():  # log lines above the bar, not through it; closed on errors too
             while self.progress.step < self.total_steps:
                 self._train_epoch()
@@ -676,8 +776,13 @@ class TrainingLoop:
             self._validate()
         self._save()
         if self.args.debug_dump_dir:
-            self._debug_dump({"final_step": self.progress.step, "num_processes": self.accelerator.num_processes,
-                              "weights_sha256": weights_sha256(self.accelerator.unwrap_model(self.model))})
+            self._debug_dump(
+                {
+                    "final_step": self.progress.step,
+                    "num_processes": self.accelerator.num_processes,
+                    "weights_sha256": weights_sha256(self.accelerator.unwrap_model(self.model)),
+                }
+            )
         return self.progress
 
     def load_best_weights(self) -> int:
@@ -692,8 +797,10 @@ class TrainingLoop:
             # `save_state` writes the unwrapped model's state dict: load it into the unwrapped model (under DDP the
             # wrapper's keys carry a `module.` prefix).
             safetensors.torch.load_model(self.accelerator.unwrap_model(self.model), checkpoint / "model.safetensors")
-        logger.info(f"Loaded the best weights (step {step}, {self.task.metric_for_best_model}="
-                    f"{self.progress.best_metric})", main_process_only=True)
+        logger.info(
+            f"Loaded the best weights (step {step}, {self.task.metric_for_best_model}={self.progress.best_metric})",
+            main_process_only=True,
+        )
         return step
 
     def _log_plan(self) -> None:
@@ -762,7 +869,8 @@ class TrainingLoop:
         every process has a usable batch."""
         local = [float(micro_batch["batch"] is not None), micro_batch["num_samples"], micro_batch["num_corrupt"]]
         usable, samples, corrupt = self.accelerator.reduce(
-            torch.tensor(local, device=self.accelerator.device), reduction="sum").tolist()
+            torch.tensor(local, device=self.accelerator.device), reduction="sum"
+        ).tolist()
         epoch, progress = self.progress.epoch, self.progress
         progress.samples_per_epoch[epoch] = progress.samples_per_epoch.get(epoch, 0) + int(samples)
         progress.corrupt_samples_per_epoch[epoch] = progress.corrupt_samples_per_epoch.get(epoch, 0) + int(corrupt)
@@ -793,9 +901,15 @@ class TrainingLoop:
         elif not window.has_gradients:
             progress.skipped_steps += 1
         if self.args.debug_dump_dir:
-            self._debug_dump({"attempt": progress.attempts, "step": progress.step, "applied": applied,
-                              "loss": float(np.mean(window.local_losses or [float("nan")])),
-                              "grad_norm": None if grad_norm is None else float(grad_norm)})
+            self._debug_dump(
+                {
+                    "attempt": progress.attempts,
+                    "step": progress.step,
+                    "applied": applied,
+                    "loss": float(np.mean(window.local_losses or [float("nan")])),
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                }
+            )
         return applied
 
     def _refuse_nonfinite_step(self, window: _Window) -> None:
@@ -819,8 +933,11 @@ class TrainingLoop:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}")
         if step % self.args.logging_steps == 0 or step == self.total_steps:
-            values = {"train/loss": loss, "train/learning_rate": self.scheduler.get_last_lr()[0],
-                      "train/epoch": self.progress.epoch + self.progress.epoch_micro_batches / len(self.train_loader)}
+            values = {
+                "train/loss": loss,
+                "train/learning_rate": self.scheduler.get_last_lr()[0],
+                "train/epoch": self.progress.epoch + self.progress.epoch_micro_batches / len(self.train_loader),
+            }
             if grad_norm is not None:
                 values["train/grad_norm"] = float(grad_norm)
             self.accelerator.log(values, step=step)
@@ -830,15 +947,20 @@ class TrainingLoop:
     def _validate_and_save(self, applied: bool, end_of_epoch: bool) -> None:
         """Validates and checkpoints when the strategies say so (after the epoch's bookkeeping, so that a checkpoint
         at the end of an epoch resumes at the start of the next)."""
-        due = {what: (applied and self._due_every_steps(what))
-               or (end_of_epoch and getattr(self.args, f"{what}_strategy") == "epoch") for what in ("eval", "save")}
+        due = {
+            what: (applied and self._due_every_steps(what))
+            or (end_of_epoch and getattr(self.args, f"{what}_strategy") == "epoch")
+            for what in ("eval", "save")
+        }
         improved = due["eval"] and self._validate()
         if improved or due["save"]:
             self._save()
 
     def _due_every_steps(self, what: str) -> bool:
-        return (getattr(self.args, f"{what}_strategy") == "steps"
-                and self.progress.step % getattr(self.args, f"{what}_steps") == 0)
+        return (
+            getattr(self.args, f"{what}_strategy") == "steps"
+            and self.progress.step % getattr(self.args, f"{what}_steps") == 0
+        )
 
     def _end_epoch(self, epoch: int) -> None:
         progress = self.progress
@@ -847,27 +969,33 @@ class TrainingLoop:
         steps = progress.step - progress.step_at_epoch_start
         progress.epoch, progress.epoch_micro_batches, progress.step_at_epoch_start = epoch + 1, 0, progress.step
         if corrupt:  # the bar shows the epochs; the counts of every epoch are in all_results.json
-            logger.info(f"Epoch {epoch}: {corrupt} of {samples} training sample(s) skipped as corrupt",
-                        main_process_only=True)
+            logger.info(
+                f"Epoch {epoch}: {corrupt} of {samples} training sample(s) skipped as corrupt", main_process_only=True
+            )
         self._check_usable_samples(epoch, samples, corrupt, steps)
 
     def _check_usable_samples(self, epoch: int, samples: int, corrupt: int, steps: int) -> None:
         usable = samples - corrupt
-        advice = ("check --video_dir, --video_ext and the annotation files (the warnings above name the first "
-                  "failing videos and their errors)")
+        advice = (
+            "check --video_dir, --video_ext and the annotation files (the warnings above name the first "
+            "failing videos and their errors)"
+        )
         if usable == 0:
             raise UnusableTrainingDataError(
                 f"Epoch {epoch}: none of the {samples} training samples could be decoded, so nothing was trained: "
-                f"{advice}.")
+                f"{advice}."
+            )
         if steps == 0:
             raise UnusableTrainingDataError(
                 f"Epoch {epoch}: no optimizer step happened ({usable} usable sample(s) of {samples}, never a full "
-                f"set of usable micro-batches on every process): {advice}.")
+                f"set of usable micro-batches on every process): {advice}."
+            )
         minimum = self.args.min_usable_sample_fraction
         if usable < minimum * samples:
             raise UnusableTrainingDataError(
                 f"Epoch {epoch}: only {usable} of {samples} training samples ({usable / samples:.0%}) could be "
-                f"decoded, below --min_usable_sample_fraction {minimum}: {advice}; lower the flag to train anyway.")
+                f"decoded, below --min_usable_sample_fraction {minimum}: {advice}; lower the flag to train anyway."
+            )
 
     def _save(self) -> None:
         """Checkpoints the current step; again if its state changed since it was saved (a validation after it)."""
@@ -875,8 +1003,12 @@ class TrainingLoop:
         if self._last_saved == (step, state):
             return
         replace = self._last_saved is not None and self._last_saved[0] == step
-        self.checkpoints.save(step, protected_step=self.progress.best_step, replace=replace,
-                              metadata={"step": step, "total_steps": self.total_steps})
+        self.checkpoints.save(
+            step,
+            protected_step=self.progress.best_step,
+            replace=replace,
+            metadata={"step": step, "total_steps": self.total_steps},
+        )
         self._last_saved = (step, copy.deepcopy(state))
 
     def _validate(self) -> bool:
@@ -894,8 +1026,11 @@ class TrainingLoop:
         improved = best is None or (value > best if self.args.greater_is_better else value < best)
         if improved:
             progress.best_metric, progress.best_step = value, step
-        logger.info(f"Step {step}: validation {name}={value:.4f} (best {progress.best_metric:.4f} at step "
-                    f"{progress.best_step})", main_process_only=True)
+        logger.info(
+            f"Step {step}: validation {name}={value:.4f} (best {progress.best_metric:.4f} at step "
+            f"{progress.best_step})",
+            main_process_only=True,
+        )
         return improved
 
     def _debug_dump(self, record: dict) -> None:
@@ -931,8 +1066,9 @@ class TrainingScript:
         """Points `data_args` at the synthetic dataset generated in `root`."""
         raise NotImplementedError
 
-    def load_splits(self, data_args: DataArguments, task_args,
-                    training_args: TrainingArguments) -> dict[str, datasets.Dataset]:
+    def load_splits(
+        self, data_args: DataArguments, task_args, training_args: TrainingArguments
+    ) -> dict[str, datasets.Dataset]:
         """The train, validation and test rows (with `--do_train false`, those of an evaluation only)."""
         raise NotImplementedError
 
@@ -946,12 +1082,25 @@ class TrainingScript:
     def training_collate(self, processor, task_args) -> Callable[[list[dict]], dict]:
         raise NotImplementedError
 
-    def evaluation_dataloader(self, rows: datasets.Dataset, video_options: dict, task_args, data_args: DataArguments,
-                              training_args: TrainingArguments) -> DataLoader:
+    def evaluation_dataloader(
+        self,
+        rows: datasets.Dataset,
+        video_options: dict,
+        task_args,
+        data_args: DataArguments,
+        training_args: TrainingArguments,
+    ) -> DataLoader:
         raise NotImplementedError
 
-    def make_task(self, accelerator: Accelerator, task_args, training_args: TrainingArguments, splits: dict,
-                  eval_loaders: dict, processor) -> TrainingTask:
+    def make_task(
+        self,
+        accelerator: Accelerator,
+        task_args,
+        training_args: TrainingArguments,
+        splits: dict,
+        eval_loaders: dict,
+        processor,
+    ) -> TrainingTask:
         raise NotImplementedError
 
     def main(self, argv: Sequence[str] | None = None) -> dict:
@@ -963,20 +1112,29 @@ class TrainingScript:
         logger.info(self.command_line.settings_line(arguments), main_process_only=True)
         output_dir = Path(training_args.output_dir)
         if training_args.do_train:  # decided first, so that a refused re-run stops at once
-            checkpoints, resumption = checkpoints_and_resumption(accelerator, training_args,
-                                                                 run_defining_arguments(*arguments))
+            checkpoints, resumption = checkpoints_and_resumption(
+                accelerator, training_args, run_defining_arguments(*arguments)
+            )
         model_path = model_source(accelerator, model_args, output_dir)
         dataset_name, splits = self._splits(accelerator, data_args, task_args, training_args)
         options = {name for kind in self.command_line.argument_types for name in kind.__dataclass_fields__}
-        model = load_stan_model(self.model_class, model_path, model_args, training_args.seed,
-                                given=given, options=options, num_frames=data_args.num_frames,
-                                **self.model_config_fields(task_args, splits))
+        model = load_stan_model(
+            self.model_class,
+            model_path,
+            model_args,
+            training_args.seed,
+            given=given,
+            options=options,
+            num_frames=data_args.num_frames,
+            **self.model_config_fields(task_args, splits),
+        )
         processor = make_processor(model, model_path, data_args.num_frames)
         self.prepare_model(model, task_args, processor)
         if not training_args.do_train:
             return self.evaluate_only(accelerator, model, processor, splits, data_args, task_args, training_args)
-        loop = self._training_loop(accelerator, model, processor, splits, data_args, task_args, training_args,
-                                   checkpoints)
+        loop = self._training_loop(
+            accelerator, model, processor, splits, data_args, task_args, training_args, checkpoints
+        )
         accelerator.init_trackers(f"stan-{self.card_task}", config=_tracker_config(arguments_dict(*arguments)))
 
         progress = loop.train(resumption.checkpoint)
@@ -986,16 +1144,27 @@ class TrainingScript:
             "test": loop.task.evaluate(loop.model, "test"),
             "train": self.training_summary(loop, best_step, time.time() - started),
         }
-        results.update(self.extra_results(accelerator, loop.model, loop.task, processor, results, data_args, task_args,
-                                          training_args))
-        card = {"task": self.card_task, "base_model": model_args.model_name_or_path or "tiny random CLIP",
-                "dataset_name": dataset_name, "training_args": arguments_dict(*arguments)}
+        results.update(
+            self.extra_results(
+                accelerator, loop.model, loop.task, processor, results, data_args, task_args, training_args
+            )
+        )
+        card = {
+            "task": self.card_task,
+            "base_model": model_args.model_name_or_path or "tiny random CLIP",
+            "dataset_name": dataset_name,
+            "training_args": arguments_dict(*arguments),
+        }
         _save_final_model(accelerator, loop.model, processor, results, card, output_dir)
         _push_to_hub(accelerator, training_args, output_dir)
         accelerator.end_training()
         if accelerator.is_main_process:
-            print(run_summary(results, output_dir, self.summary_metrics, training_args.metric_for_best_model,
-                              self.next_command), flush=True)
+            print(
+                run_summary(
+                    results, output_dir, self.summary_metrics, training_args.metric_for_best_model, self.next_command
+                ),
+                flush=True,
+            )
         return results
 
     def run_from_command_line(self) -> None:
@@ -1006,24 +1175,44 @@ class TrainingScript:
             logger.error(f"{type(error).__name__}: {error}")
             sys.exit(1)
 
-    def extra_results(self, accelerator: Accelerator, model: nn.Module, task: TrainingTask, processor, results: dict,
-                      data_args: DataArguments, task_args, training_args: TrainingArguments) -> dict:
+    def extra_results(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        task: TrainingTask,
+        processor,
+        results: dict,
+        data_args: DataArguments,
+        task_args,
+        training_args: TrainingArguments,
+    ) -> dict:
         """Results beyond the evaluation splits (e.g. other class sets), merged into `all_results.json`."""
         return {}
 
-    def evaluate_only(self, accelerator: Accelerator, model: nn.Module, processor, splits: dict,
-                      data_args: DataArguments, task_args, training_args: TrainingArguments) -> dict:
+    def evaluate_only(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        processor,
+        splits: dict,
+        data_args: DataArguments,
+        task_args,
+        training_args: TrainingArguments,
+    ) -> dict:
         """`--do_train false`: the metrics of the model as given on the evaluation splits there are, written to
         OUTPUT_DIR/all_results.json (the model itself is not saved again)."""
         video_options = data_args.video_options(processor.video_processor)
         present = [split for split in EVAL_SPLITS if split in splits]
-        loaders = [self.evaluation_dataloader(splits[split], video_options, task_args, data_args, training_args)
-                   for split in present]
+        loaders = [
+            self.evaluation_dataloader(splits[split], video_options, task_args, data_args, training_args)
+            for split in present
+        ]
         model, *loaders = accelerator.prepare(model, *loaders)
         task = self.make_task(accelerator, task_args, training_args, splits, dict(zip(present, loaders)), processor)
         results = {split: task.evaluate(model, split) for split in present}
-        results.update(self.extra_results(accelerator, model, task, processor, results, data_args, task_args,
-                                          training_args))
+        results.update(
+            self.extra_results(accelerator, model, task, processor, results, data_args, task_args, training_args)
+        )
         logger.info(f"Evaluation without training: {results}", main_process_only=True)
         if accelerator.is_main_process:
             output_dir = Path(training_args.output_dir)
@@ -1038,12 +1227,14 @@ class TrainingScript:
         """The "train" entry of `all_results.json`."""
         return training_summary(loop, best_step, runtime)
 
-    def _splits(self, accelerator: Accelerator, data_args: DataArguments, task_args,
-                training_args: TrainingArguments) -> tuple[str, dict[str, datasets.Dataset]]:
+    def _splits(
+        self, accelerator: Accelerator, data_args: DataArguments, task_args, training_args: TrainingArguments
+    ) -> tuple[str, dict[str, datasets.Dataset]]:
         """The dataset's name (for the model card) and its splits, the synthetic dataset generated if asked for."""
         dataset_name = data_args.dataset
-        synthetic_root = synthetic_dataset_root(accelerator, data_args, Path(training_args.output_dir),
-                                                training_args.seed)
+        synthetic_root = synthetic_dataset_root(
+            accelerator, data_args, Path(training_args.output_dir), training_args.seed
+        )
         if synthetic_root is not None:
             dataset_name = SYNTHETIC_DATASET_NAME
             self.use_synthetic_dataset(data_args, synthetic_root)
@@ -1051,39 +1242,64 @@ class TrainingScript:
         with accelerator.main_process_first():
             return dataset_name, _limit_rows(self.load_splits(data_args, task_args, training_args), data_args)
 
-    def _training_loop(self, accelerator: Accelerator, model: nn.Module, processor, splits: dict,
-                       data_args: DataArguments, task_args, training_args: TrainingArguments,
-                       checkpoints: CheckpointManager) -> TrainingLoop:
+    def _training_loop(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        processor,
+        splits: dict,
+        data_args: DataArguments,
+        task_args,
+        training_args: TrainingArguments,
+        checkpoints: CheckpointManager,
+    ) -> TrainingLoop:
         """Data loaders, optimizer and scheduler, prepared by the accelerator, and the loop that uses them."""
         video_options = data_args.video_options(processor.video_processor)
         train_loader, train_sampler = training_dataloader(
-            splits["train"], video_options, self.training_collate(processor, task_args), data_args, training_args,
+            splits["train"],
+            video_options,
+            self.training_collate(processor, task_args),
+            data_args,
+            training_args,
             accelerator.num_processes,
         )
-        eval_loaders = [self.evaluation_dataloader(splits[split], video_options, task_args, data_args, training_args)
-                        for split in EVAL_SPLITS]
+        eval_loaders = [
+            self.evaluation_dataloader(splits[split], video_options, task_args, data_args, training_args)
+            for split in EVAL_SPLITS
+        ]
         optimizer = build_optimizer(model, training_args)
-        model, optimizer, train_loader, *eval_loaders = accelerator.prepare(model, optimizer, train_loader, *eval_loaders)
-        task = self.make_task(accelerator, task_args, training_args, splits, dict(zip(EVAL_SPLITS, eval_loaders)),
-                              processor)
+        model, optimizer, train_loader, *eval_loaders = accelerator.prepare(
+            model, optimizer, train_loader, *eval_loaders
+        )
+        task = self.make_task(
+            accelerator, task_args, training_args, splits, dict(zip(EVAL_SPLITS, eval_loaders)), processor
+        )
         scheduler = build_scheduler(optimizer, training_args, total_training_steps(train_loader, training_args))
-        return TrainingLoop(accelerator, training_args, task, model, optimizer, scheduler, train_loader,
-                            train_sampler, checkpoints)
+        return TrainingLoop(
+            accelerator, training_args, task, model, optimizer, scheduler, train_loader, train_sampler, checkpoints
+        )
 
     def _check_dataset(self, data_args: DataArguments) -> None:
         if data_args.dataset not in self.command_line.dataset_formats:
-            raise ValueError(f"--dataset must be 'synthetic' or one of {list(self.command_line.dataset_formats)}, "
-                             f"got {data_args.dataset!r}.")
+            raise ValueError(
+                f"--dataset must be 'synthetic' or one of {list(self.command_line.dataset_formats)}, "
+                f"got {data_args.dataset!r}."
+            )
         if data_args.video_dir is None:
             raise ValueError(f"--dataset {data_args.dataset} needs --video_dir.")
 
 
 def _limit_rows(splits: dict[str, datasets.Dataset], data_args: DataArguments) -> dict[str, datasets.Dataset]:
     """Applies --max_train_samples and --max_eval_samples."""
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
-              "test": data_args.max_eval_samples}
-    return {split: rows if limits[split] is None or limits[split] >= len(rows) else rows.select(range(limits[split]))
-            for split, rows in splits.items()}
+    limits = {
+        "train": data_args.max_train_samples,
+        "validation": data_args.max_eval_samples,
+        "test": data_args.max_eval_samples,
+    }
+    return {
+        split: rows if limits[split] is None or limits[split] >= len(rows) else rows.select(range(limits[split]))
+        for split, rows in splits.items()
+    }
 
 
 def _tracker_config(values: dict) -> dict:
@@ -1091,8 +1307,9 @@ def _tracker_config(values: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
 
 
-def _save_final_model(accelerator: Accelerator, model: nn.Module, processor, results: dict, card: dict,
-                      output_dir: Path) -> None:
+def _save_final_model(
+    accelerator: Accelerator, model: nn.Module, processor, results: dict, card: dict, output_dir: Path
+) -> None:
     """The model and processor as a complete Hub repository (see `StanPreTrainedModel.save_pretrained`),
     `all_results.json` and the model card.
 
@@ -1133,16 +1350,26 @@ def run_summary(results: dict, output_dir: Path, metrics: Sequence[str], best_me
     if best_metric in validation:
         rows.append((f"validation {best_metric}", f"{validation[best_metric]:.2f} (selects the best step)"))
     rows += [(f"test {name}", f"{test[name]:.2f}") for name in metrics if name in test]
-    rows += [("corrupt training samples", f"{train['corrupt_samples']} of {train['samples']}"),
-             ("skipped steps", f"{train['skipped_steps']} (no usable sample), {train['nonfinite_steps']} (non-finite)"),
-             ("runtime", f"{train['runtime_seconds']:.0f} s"),
-             ("model and processor", str(output_dir)),
-             ("model card", str(output_dir / "README.md")),
-             ("all metrics", str(output_dir / "all_results.json")),
-             ("checkpoints", str(output_dir / "checkpoints"))]
+    rows += [
+        ("corrupt training samples", f"{train['corrupt_samples']} of {train['samples']}"),
+        ("skipped steps", f"{train['skipped_steps']} (no usable sample), {train['nonfinite_steps']} (non-finite)"),
+        ("runtime", f"{train['runtime_seconds']:.0f} s"),
+        ("model and processor", str(output_dir)),
+        ("model card", str(output_dir / "README.md")),
+        ("all metrics", str(output_dir / "all_results.json")),
+        ("checkpoints", str(output_dir / "checkpoints")),
+    ]
     width = max(len(name) for name, _ in rows)
-    lines = ["", "Run summary", "-" * 11, *(f"{name:<{width}}  {value}" for name, value in rows), "",
-             "Next:", f"  {next_command.format(output_dir=output_dir)}", ""]
+    lines = [
+        "",
+        "Run summary",
+        "-" * 11,
+        *(f"{name:<{width}}  {value}" for name, value in rows),
+        "",
+        "Next:",
+        f"  {next_command.format(output_dir=output_dir)}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -1154,5 +1381,9 @@ def _push_to_hub(accelerator: Accelerator, args: TrainingArguments, output_dir: 
 
     repo_id = args.hub_model_id or output_dir.name
     create_repo(repo_id, private=args.hub_private_repo, exist_ok=True)
-    upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="Upload a STAN model trained with training/",
-                  ignore_patterns=["checkpoints/*", "synthetic_data/*", "tiny_clip/*", "runs/*", ".tmp-*"])
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=str(output_dir),
+        commit_message="Upload a STAN model trained with training/",
+        ignore_patterns=["checkpoints/*", "synthetic_data/*", "tiny_clip/*", "runs/*", ".tmp-*"],
+    )

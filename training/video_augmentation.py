@@ -58,8 +58,9 @@ class VideoAugmentation:
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     """One-hot targets with label smoothing spread over all classes (on: 1 - s + s/C, off: s/C)."""
     off = smoothing / num_classes
-    return torch.full((len(labels), num_classes), off, device=labels.device).scatter_(1, labels.view(-1, 1),
-                                                                                     1 - smoothing + off)
+    return torch.full((len(labels), num_classes), off, device=labels.device).scatter_(
+        1, labels.view(-1, 1), 1 - smoothing + off
+    )
 
 
 def on_chosen_clips(clips: torch.Tensor, probability: float, transform) -> torch.Tensor:
@@ -117,8 +118,11 @@ def _shift_hue(rgb: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     value, _ = rgb.max(dim=-3)
     chroma = value - rgb.min(dim=-3).values
     safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue = torch.where(value == red, ((green - blue) / safe) % 6,
-                      torch.where(value == green, (blue - red) / safe + 2, (red - green) / safe + 4))
+    hue = torch.where(
+        value == red,
+        ((green - blue) / safe) % 6,
+        torch.where(value == green, (blue - red) / safe + 2, (red - green) / safe + 4),
+    )
     hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
     hue = (hue + shift) % 1.0
     # HSV back to RGB: each channel is V - C * clamp(min(k, 4 - k), 0, 1) with k = (n + 6 H) mod 6.

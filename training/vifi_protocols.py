@@ -29,8 +29,10 @@ def few_shot_rows(labels: Sequence[int], shots: int, seed: int) -> list[int]:
         rows_of.setdefault(int(label), []).append(row)
     short = {label: len(rows) for label, rows in rows_of.items() if len(rows) < shots}
     if short:
-        raise ValueError(f"{shots}-shot sampling needs {shots} videos of every class; these classes have fewer "
-                         f"(label: count): {dict(sorted(short.items()))}")
+        raise ValueError(
+            f"{shots}-shot sampling needs {shots} videos of every class; these classes have fewer "
+            f"(label: count): {dict(sorted(short.items()))}"
+        )
     generator = torch.Generator().manual_seed(seed)
     chosen = []
     for label in sorted(rows_of):
@@ -57,7 +59,11 @@ def summarize_splits(per_split: dict[str, dict[str, float]], metric: str = "top1
 
 
 def base_to_novel_summary(base: dict[str, float], novel: dict[str, float], metric: str = "top1") -> dict[str, float]:
-    summary = {"base": base[metric], "novel": novel[metric], "harmonic_mean": harmonic_mean(base[metric], novel[metric])}
+    summary = {
+        "base": base[metric],
+        "novel": novel[metric],
+        "harmonic_mean": harmonic_mean(base[metric], novel[metric]),
+    }
     if not all(math.isfinite(value) for value in summary.values()):
         raise ValueError(f"Base-to-novel accuracies must be finite, got {summary}.")
     return summary

@@ -1,7 +1,7 @@
 """`evaluate` module: top-k video recognition accuracy with multi-view testing.
 
 Load it offline with `evaluate.load("metrics/video_classification")`. A thin adapter of
-`modeling_stan.metrics`, which must be importable (`pip install -e <repo>`); see
+`modeling_stan.evaluation.metrics`, which must be importable (`pip install -e <repo>`); see
 metrics/video_text_retrieval/video_text_retrieval.py for why it is not self-contained.
 """
 
@@ -9,8 +9,9 @@ import datasets
 import evaluate
 import numpy as np
 
+
 try:  # indented so that evaluate's import scanner leaves the error message to us
-    from modeling_stan import metrics as stan_metrics
+    from modeling_stan.evaluation import metrics as stan_metrics
 except ImportError as error:
     raise ImportError("video_classification needs the `modeling_stan` package: pip install -e <repo>") from error
 

@@ -5,7 +5,7 @@ Load it offline with `evaluate.load("metrics/video_text_retrieval")`.
 Why it imports the package: `evaluate` copies this script alone into its module cache
 (only sibling files named in relative imports travel with it), so the script cannot
 reach the repository's code by path. The computation therefore lives once, in
-`modeling_stan.metrics`, and this file only adapts it to the `evaluate` API. The package
+`modeling_stan.evaluation.metrics`, and this file only adapts it to the `evaluate` API. The package
 must be importable: `pip install -e <repo>`, or run from the repository root.
 """
 
@@ -13,10 +13,11 @@ import datasets
 import evaluate
 import numpy as np
 
+
 # The import is indented on purpose: `evaluate` scans top-level import lines and would
 # answer a missing package with a misleading "pip install modeling_stan".
 try:
-    from modeling_stan import metrics as stan_metrics
+    from modeling_stan.evaluation import metrics as stan_metrics
 except ImportError as error:
     raise ImportError("video_text_retrieval needs the `modeling_stan` package: pip install -e <repo>") from error
 
@@ -51,7 +52,9 @@ Examples:
     100.0
 """
 
-_CITATION = stan_metrics.STAN_BIBTEX + """
+_CITATION = (
+    stan_metrics.STAN_BIBTEX
+    + """
 @inproceedings{bogolin2022qbnorm,
   title={Cross Modal Retrieval with Querybank Normalisation},
   author={Bogolin, Simion-Vlad and Croitoru, Ioana and Jin, Hailin and Liu, Yang and Albanie, Samuel},
@@ -59,6 +62,7 @@ _CITATION = stan_metrics.STAN_BIBTEX + """
   year={2022}
 }
 """
+)
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)

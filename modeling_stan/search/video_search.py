@@ -1,7 +1,7 @@
 """Text-to-video search over a folder of videos with a STAN video-text model.
 
-    python -m modeling_stan.video_search index --model DIR --videos FOLDER --index videos.sqlite
-    python -m modeling_stan.video_search query --model DIR --index videos.sqlite "a red square moves" --top_k 5
+    python -m modeling_stan.search.video_search index --model DIR --videos FOLDER --index videos.sqlite
+    python -m modeling_stan.search.video_search query --model DIR --index videos.sqlite "a red square moves" --top_k 5
 
 `index` embeds every video under FOLDER (recursively, by extension) in batches and stores the embeddings with the
 videos' paths in an SQLite database (`video_index`): each batch is committed as it is embedded, so an interrupted run
@@ -29,9 +29,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .metrics import dual_softmax
-from .modeling_stan import StanForVideoTextRetrieval
-from .processing_stan import StanProcessor
+from ..evaluation.metrics import dual_softmax
+from ..modeling_stan import StanForVideoTextRetrieval
+from ..processing_stan import StanProcessor
 from .video_index import (
     EmbeddedVideo,
     FailedVideo,
@@ -288,13 +288,17 @@ def _similarity(index: VideoIndex, model, processor, texts: list[str]) -> torch.
     """(texts, videos) unscaled scores under the model's alignment."""
     text, attention_mask = _encode_queries(model, processor, texts)
     frame_embeds = index.frame_embeds.to(model.device) if index.frame_embeds is not None else None
-    return model.similarity(
-        text.pooler_output,
-        index.video_embeds.to(model.device),
-        token_embeds=text.token_embeds,
-        text_attention_mask=attention_mask,
-        frame_embeds=frame_embeds,
-    ).float().cpu()
+    return (
+        model.similarity(
+            text.pooler_output,
+            index.video_embeds.to(model.device),
+            token_embeds=text.token_embeds,
+            text_attention_mask=attention_mask,
+            frame_embeds=frame_embeds,
+        )
+        .float()
+        .cpu()
+    )
 
 
 def _encode_queries(model, processor, texts: list[str]):
@@ -384,7 +388,9 @@ def search_faiss(index_path: str | Path, model, processor, query: str, *, top_k:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m modeling_stan.video_search", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_stan.search.video_search", description=__doc__.split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     index = commands.add_parser("index", help="embed the videos of a folder (resumable)")
@@ -448,7 +454,9 @@ def _run_query(args) -> None:
         index = None if args.faiss else store.snapshot()
         built_with, failed = store.settings.model, (index.failed if index else store.failed())
     if built_with != model_identity(args.model):
-        raise VideoSearchError(f"{args.index} was built with model {built_with!r}, not {model_identity(args.model)!r}.")
+        raise VideoSearchError(
+            f"{args.index} was built with model {built_with!r}, not {model_identity(args.model)!r}."
+        )
     model, processor = load_search_model(args.model)
     if args.faiss:
         hits = search_faiss(args.index, model, processor, args.text, top_k=args.top_k)
@@ -475,10 +483,14 @@ def _score_format(scores: list[float]) -> str:
 
 def _run_import(args) -> None:
     imported, left_out = import_safetensors_index(args.source, args.index)
-    print(f"{args.index}: {imported} videos imported from {args.source}" + (
-        f"; {left_out} with a non-finite embedding left out (the next `index` run embeds them again)"
-        if left_out else ""
-    ))
+    print(
+        f"{args.index}: {imported} videos imported from {args.source}"
+        + (
+            f"; {left_out} with a non-finite embedding left out (the next `index` run embeds them again)"
+            if left_out
+            else ""
+        )
+    )
 
 
 def _run_faiss(args) -> None:

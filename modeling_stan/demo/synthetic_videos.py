@@ -29,7 +29,7 @@ splits of at most 72 videos have distinct captions (retrieval has a single right
 dealt in turn, so their counts in a split differ by at most one.
 Everything is a function of `seed`: the same seed gives byte-identical annotation files and identical frames.
 
-CLI: `python -m modeling_stan.synthetic_videos --output_dir DIR [--seed 0] [--num_train 160] ...`
+CLI: `python -m modeling_stan.demo.synthetic_videos --output_dir DIR [--seed 0] [--num_train 160] ...`
 """
 
 import argparse
@@ -264,8 +264,13 @@ def generate_synthetic_dataset(
     (root / "videos").mkdir(parents=True, exist_ok=True)
     for video in videos:
         frames = render_clip(
-            video.shape, video.colour, video.direction,
-            num_frames=num_frames, size=size, radius=video.radius, offset=video.offset,
+            video.shape,
+            video.colour,
+            video.direction,
+            num_frames=num_frames,
+            size=size,
+            radius=video.radius,
+            offset=video.offset,
         )
         write_mp4(root / "videos" / f"{video.video_id}.mp4", frames, fps=fps)
     _write_metadata(root / "metadata.csv", videos)

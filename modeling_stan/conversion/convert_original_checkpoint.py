@@ -1,6 +1,6 @@
 """Convert a checkpoint of the authors' STAN / Mug-STAN code (an mmaction2 fork) into a `StanForVideoTextRetrieval`.
 
-    python -m modeling_stan.convert_original_checkpoint --checkpoint stan_msrvtt_b32.pth \
+    python -m modeling_stan.conversion.convert_original_checkpoint --checkpoint stan_msrvtt_b32.pth \
         --clip openai/clip-vit-base-patch32 --output stan-msrvtt-b32 --temperature 0.01
 
 The conversion is strict: every key of the source is mapped (or the conversion fails with the list of keys it
@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel
 from transformers.utils import logging
 
-from .configuration_stan import StanConfig
-from .modeling_stan import StanForVideoTextRetrieval
+from ..configuration_stan import StanConfig
+from ..modeling_stan import StanForVideoTextRetrieval
 
 
 logger = logging.get_logger(__name__)
@@ -93,7 +93,9 @@ def _torch_load_weights_only(path: Path):
             f"containers, which are never unpickled here ({str(error).splitlines()[0]})."
         ) from error
     except Exception as error:  # torch.load fails in arbitrary ways on bytes that are not a checkpoint
-        raise CheckpointConversionError(f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {error}).") from error
+        raise CheckpointConversionError(
+            f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {error})."
+        ) from error
 
 
 def infer_stan_depth(state_dict: dict[str, torch.Tensor]) -> int:
@@ -203,11 +205,13 @@ def _processor_for(clip: str | Path, config: StanConfig):
         tokenizer = AutoTokenizer.from_pretrained(clip)
     except (OSError, ValueError, TypeError):
         return None
-    from .processing_stan import StanProcessor
-    from .video_processing_stan import StanVideoProcessor
+    from ..processing_stan import StanProcessor
+    from ..video_processing_stan import StanVideoProcessor
 
     size = config.vision_config.image_size
-    return StanProcessor(video_processor=StanVideoProcessor.for_image_size(size, config.num_frames), tokenizer=tokenizer)
+    return StanProcessor(
+        video_processor=StanVideoProcessor.for_image_size(size, config.num_frames), tokenizer=tokenizer
+    )
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,13 +1,13 @@
 """Model cards for STAN checkpoints, rendered from one template.
 
-`hub_cards/model_card_template.md` (Jinja, through `huggingface_hub.ModelCard.from_template`) is filled either from an
-entry of `hub_cards/checkpoints.yaml` (the checkpoints we publish or convert, numbers reported by the papers) or from a
+`model_card_template.md` (Jinja, through `huggingface_hub.ModelCard.from_template`) is filled either from an
+entry of `checkpoints.yaml` (both package data beside this module; the checkpoints we publish or convert, numbers reported by the papers) or from a
 training run (`write_training_model_card`, numbers measured by that run). Every card carries Hub metadata
 (`library_name`, `pipeline_tag`, `license`, `base_model`, `datasets`, `tags`, `model-index`) and says where each of its
 numbers comes from; `validate_card` checks both.
 
-    python -m modeling_stan.model_card render   # (re)write hub_cards/<name>/README.md for every checkpoint
-    python -m modeling_stan.model_card check    # fail if a rendered card is stale or invalid
+    stan-cards render   # (re)write hub_cards/<name>/README.md of this checkout for every checkpoint
+    stan-cards check    # fail if a rendered card is stale or invalid
 """
 
 import argparse
@@ -15,15 +15,18 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
-HUB_CARDS_DIR = Path(__file__).resolve().parent.parent / "hub_cards"
-TEMPLATE_PATH = HUB_CARDS_DIR / "model_card_template.md"
-CHECKPOINTS_PATH = HUB_CARDS_DIR / "checkpoints.yaml"
+# The rendered cards of the published checkpoints live in the repository checkout (relative to where `render` runs);
+# the template and the checkpoint list are package data, so installed packages write cards too.
+HUB_CARDS_DIR = Path("hub_cards")
+TEMPLATE_PATH = files(__package__) / "model_card_template.md"
+CHECKPOINTS_PATH = files(__package__) / "checkpoints.yaml"
 CARD_FILENAME = "README.md"
 
 
@@ -164,7 +167,7 @@ def render_card(spec: CardSpec) -> ModelCard:
     )
     card = ModelCard.from_template(
         card_data,
-        template_path=str(TEMPLATE_PATH),
+        template_str=TEMPLATE_PATH.read_text(encoding="utf-8"),
         title=spec.title,
         description=task.description,
         origin=spec.origin,
@@ -588,7 +591,7 @@ def main(argv=None) -> None:
     except ModelCardError as error:
         parser.exit(2, f"error: {error}\n")
     if stale:
-        parser.exit(1, f"stale or missing cards (run `python -m modeling_stan.model_card render`): {stale}\n")
+        parser.exit(1, f"stale or missing cards (run `python -m modeling_stan.hub.model_card render`): {stale}\n")
     print("all cards are up to date and valid")
 
 

@@ -247,7 +247,8 @@ class IndexStore:
             video_embeds = np.empty((count, settings.embed_dim), dtype=np.float32)
             frame_embeds = (
                 np.empty((count, settings.num_frames, settings.embed_dim), dtype=np.float32)
-                if settings.frame_embeds else None
+                if settings.frame_embeds
+                else None
             )
             videos, row_ids, damaged = [], [], []
             rows = self._connection.execute(
@@ -418,9 +419,9 @@ def _check_file_kind(path: Path) -> None:
     if _is_safetensors(path):
         raise VideoSearchError(
             f"{path} is an index written by an earlier version (safetensors). Import it once into the current format:"
-            f" python -m modeling_stan.video_search import --from {path} --index {path.with_suffix('.sqlite')}"
+            f" python -m modeling_stan.search.video_search import --from {path} --index {path.with_suffix('.sqlite')}"
         )
-    raise VideoSearchError(f"{path}: not a video index written by modeling_stan.video_search.")
+    raise VideoSearchError(f"{path}: not a video index written by modeling_stan.search.video_search.")
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -486,8 +487,11 @@ def import_safetensors_index(source: str | os.PathLike, destination: str | os.Pa
         video_embeds, frame_embeds = tensors["video_embeds"], tensors.get("frame_embeds")
         failed = [FailedVideo(**failure) for failure in metadata["failed"]]
         settings = IndexSettings(
-            root=metadata["root"], model=metadata["model"], num_frames=metadata["num_frames"],
-            embed_dim=int(video_embeds.shape[1]), frame_embeds=frame_embeds is not None,
+            root=metadata["root"],
+            model=metadata["model"],
+            num_frames=metadata["num_frames"],
+            embed_dim=int(video_embeds.shape[1]),
+            frame_embeds=frame_embeds is not None,
         )
     except (SafetensorError, KeyError, IndexError, TypeError, ValueError, OSError) as error:
         raise VideoSearchError(f"{source}: not a readable safetensors video index ({error}).") from error
@@ -498,7 +502,8 @@ def import_safetensors_index(source: str | os.PathLike, destination: str | os.Pa
     finite = finite_rows(video_embeds, frame_embeds)
     embedded = [
         EmbeddedVideo(video, video_embeds[row], None if frame_embeds is None else frame_embeds[row])
-        for row, video in enumerate(videos) if finite[row]
+        for row, video in enumerate(videos)
+        if finite[row]
     ]
     with IndexStore.create(destination, settings) as store:
         store.add_batch(embedded, failed)

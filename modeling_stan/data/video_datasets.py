@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetInfo, Features, Value
 
-from .video_io import VideoDecodeError, decode_video
+from ..video_io import VideoDecodeError, decode_video
 
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,9 @@ def build_report(dataset: Dataset) -> BuildReport:
     try:
         return BuildReport(**json.loads(dataset.info.description))
     except (TypeError, ValueError) as error:
-        raise ValueError("build_report: the dataset was not made by a modeling_stan.video_datasets builder.") from error
+        raise ValueError(
+            "build_report: the dataset was not made by a modeling_stan.data.video_datasets builder."
+        ) from error
 
 
 def unique_video_rows(dataset: Dataset) -> list[int]:
@@ -124,7 +126,9 @@ def _read_json(path: str | os.PathLike, expected_type: type) -> Any:
         where = f"line {error.lineno}, column {error.colno}"
         raise AnnotationError(path, where, f"invalid JSON ({error.msg})") from error
     if not isinstance(data, expected_type):
-        raise AnnotationError(path, "top level", f"expected a JSON {expected_type.__name__}, got {type(data).__name__}")
+        raise AnnotationError(
+            path, "top level", f"expected a JSON {expected_type.__name__}, got {type(data).__name__}"
+        )
     return data
 
 
@@ -246,8 +250,12 @@ def _assemble(
     if missing:
         logger.warning(
             "%s: %d video(s) listed in %s are missing under %s; their %d row(s) were dropped. First missing: %s",
-            format_name, len(missing), ", ".join(map(str, annotation_files)), video_dir,
-            len(records) - len(kept), ", ".join(missing[:_MISSING_EXAMPLES]),
+            format_name,
+            len(missing),
+            ", ".join(map(str, annotation_files)),
+            video_dir,
+            len(records) - len(kept),
+            ", ".join(missing[:_MISSING_EXAMPLES]),
         )
     target_column = "caption" if "caption" in features else "label"
     columns = {
@@ -271,7 +279,9 @@ def _assemble(
     return Dataset.from_dict(columns, features=features, info=info)
 
 
-def _retrieval_dataset(format_name: str, annotation_files: Sequence, video_dir: str, records: list[_Record]) -> Dataset:
+def _retrieval_dataset(
+    format_name: str, annotation_files: Sequence, video_dir: str, records: list[_Record]
+) -> Dataset:
     return _assemble(format_name, annotation_files, video_dir, records, RETRIEVAL_FEATURES)
 
 
@@ -322,8 +332,10 @@ def load_msrvtt(
     files = [annotation_file] + ([video_ids_file] if video_ids_file else [])
     if str(annotation_file).endswith(".csv"):
         if split is not None or video_ids_file is not None:
-            raise ValueError(f"load_msrvtt: {annotation_file} is a JSFusion CSV, which is one split already; "
-                             "split and video_ids_file apply to the JSON annotations only.")
+            raise ValueError(
+                f"load_msrvtt: {annotation_file} is a JSFusion CSV, which is one split already; "
+                "split and video_ids_file apply to the JSON annotations only."
+            )
         pairs = [(row["video_id"], row["sentence"]) for _, row in _read_csv(annotation_file, ["video_id", "sentence"])]
     else:
         pairs = _msrvtt_json_pairs(annotation_file, split, video_ids_file)
@@ -339,8 +351,10 @@ def _msrvtt_json_pairs(
     keep: set[str] | None = None
     if split is not None:
         videos = _field(data, "videos", path, "top level", list)
-        splits = {_field(v, "video_id", path, f"videos[{i}]"): _field(v, "split", path, f"videos[{i}]")
-                  for i, v in enumerate(videos)}
+        splits = {
+            _field(v, "video_id", path, f"videos[{i}]"): _field(v, "split", path, f"videos[{i}]")
+            for i, v in enumerate(videos)
+        }
         keep = {video_id for video_id, video_split in splits.items() if video_split == split}
         if not keep:
             found = sorted(set(splits.values()))
@@ -379,7 +393,9 @@ def load_didemo(
     return _retrieval_dataset("didemo", [annotation_file], root, records)
 
 
-def load_lsmdc(annotation_file: str | os.PathLike, video_dir: str | os.PathLike, *, video_ext: str = ".avi") -> Dataset:
+def load_lsmdc(
+    annotation_file: str | os.PathLike, video_dir: str | os.PathLike, *, video_ext: str = ".avi"
+) -> Dataset:
     """LSMDC, one row per clip.
 
     Args:
@@ -496,7 +512,9 @@ def load_kinetics(
         end = _int(row["time_end"], annotation_file, where, "time_end")
         label = row.get("label")
         if label and label not in index:
-            raise AnnotationError(annotation_file, where, f"label {label!r} is not one of the {len(index)} class_names")
+            raise AnnotationError(
+                annotation_file, where, f"label {label!r} is not one of the {len(index)} class_names"
+            )
         name = f"{row['youtube_id']}_{start:06d}_{end:06d}"
         records.append(_Record(name, os.path.join(root, name + video_ext), index[label] if label else -1))
     return _classification_dataset("kinetics", [annotation_file], root, records, class_names)
@@ -534,7 +552,9 @@ def load_something_something_v2(
                 )
             label = index[name]
         records.append(_Record(video_id, os.path.join(root, video_id + video_ext), label))
-    return _classification_dataset("something_something_v2", [annotation_file, labels_file], root, records, class_names)
+    return _classification_dataset(
+        "something_something_v2", [annotation_file, labels_file], root, records, class_names
+    )
 
 
 def _ssv2_class_names(labels_file: str | os.PathLike) -> list[str]:
@@ -642,15 +662,20 @@ def load_vifi_split(
     class_names = []
     for number, row in _read_csv(labels_file, ("id", "name")):
         if _int(row["id"], labels_file, f"line {number}", "the class id") != len(class_names):
-            raise AnnotationError(labels_file, f"line {number}", f"expected class id {len(class_names)}, got {row['id']}")
+            raise AnnotationError(
+                labels_file, f"line {number}", f"expected class id {len(class_names)}, got {row['id']}"
+            )
         class_names.append(row["name"])
     records = []
     for number, line in _read_lines(split_file):
         relative, label = _split_line(split_file, number, line, None, 2, "'<video path> <label id>'")
         label_id = _int(label, split_file, f"line {number}", "the label id")
         if not 0 <= label_id < len(class_names):
-            raise AnnotationError(split_file, f"line {number}",
-                                  f"label id {label_id} is not a class of {labels_file} (0 to {len(class_names) - 1})")
+            raise AnnotationError(
+                split_file,
+                f"line {number}",
+                f"label id {label_id} is not a class of {labels_file} (0 to {len(class_names) - 1})",
+            )
         records.append(_Record(Path(relative).stem, os.path.join(root, relative), label_id))
     return _classification_dataset("vifi", [labels_file, split_file], root, records, class_names)
 
@@ -719,7 +744,11 @@ class VideoDecodeTransform:
     def _decode(self, source: str) -> tuple[np.ndarray | None, str | None]:
         try:
             frames, _ = decode_video(
-                source, self.num_frames, self.sampling, train=self.train, generator=self._generator,
+                source,
+                self.num_frames,
+                self.sampling,
+                train=self.train,
+                generator=self._generator,
                 **self.decode_options,
             )
         except (VideoDecodeError, OSError) as error:  # OSError: a file deleted or unreadable since the build
@@ -774,7 +803,13 @@ def make_decode_transform(
         processor_options: more keyword arguments of the processor call.
     """
     return VideoDecodeTransform(
-        num_frames, sampling, train, video_processor, video_column, seed, dict(decode_options or {}),
+        num_frames,
+        sampling,
+        train,
+        video_processor,
+        video_column,
+        seed,
+        dict(decode_options or {}),
         dict(processor_options or {}),
     )
 
@@ -843,8 +878,12 @@ class SkipCorruptCollator:
             return
         self._warned += 1
         last = self._warned == self.max_warnings
-        logger.warning("Skipping corrupt video %s: %s%s", sample.get(self.video_column), sample["decode_error"],
-                       " (further ones are counted, not listed)" if last else "")
+        logger.warning(
+            "Skipping corrupt video %s: %s%s",
+            sample.get(self.video_column),
+            sample["decode_error"],
+            " (further ones are counted, not listed)" if last else "",
+        )
 
 
 __all__ = [

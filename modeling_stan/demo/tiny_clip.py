@@ -23,8 +23,12 @@ CAPTION_WORDS = (
     "red green blue yellow purple orange white black cyan magenta square circle triangle"
 ).split()
 
-TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=6, image_size=32, patch_size=8)
-TINY_TEXT = dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=32)
+TINY_VISION = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=6, image_size=32, patch_size=8
+)
+TINY_TEXT = dict(
+    hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=32
+)
 TINY_PROJECTION_DIM = 32
 
 
@@ -78,8 +82,8 @@ def tiny_clip_config(tokenizer: CLIPTokenizer | None = None, **overrides) -> CLI
 
 def save_tiny_clip(directory, seed: int = 0, **overrides) -> Path:
     """Saves a seeded random tiny `CLIPModel`, its tokenizer and a matching `StanProcessor` to `directory`."""
-    from .processing_stan import StanProcessor
-    from .video_processing_stan import StanVideoProcessor
+    from ..processing_stan import StanProcessor
+    from ..video_processing_stan import StanVideoProcessor
 
     directory = Path(directory)
     tokenizer = build_tiny_clip_tokenizer()
