@@ -1,8 +1,10 @@
 """Converting the authors' checkpoints: parity with their code to 1e-5, and clear refusals."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,14 +106,14 @@ def test_timesfpn_era_conv_checkpoint_drops_its_two_unused_parameters_and_says_s
     official = _official(parity_dir)
     state = {k.replace("backbone.STAN_", "backbone.timesFPN_"): v for k, v in official.items()}
     hidden = official["backbone.STAN_time_embed.weight"].shape[1]
-    state["backbone.timesFPN_pos_embed"] = torch.randn(17, hidden)
+    state["backbone.timesFPN_pos_embed.weight"] = torch.randn(17, hidden)
     state["backbone.timesFPN_cls_token"] = torch.randn(1, 1, hidden)
     path = tmp_path / "timesfpn_conv.pth"
     torch.save({"state_dict": state}, path)
     logger = logging.get_logger("modeling_stan.conversion.convert_original_checkpoint")
     with CaptureLogger(logger) as captured:
         model = convert_original_checkpoint(path, parity_dir / "clip")
-    assert "['backbone.timesFPN_cls_token', 'backbone.timesFPN_pos_embed']" in captured.out
+    assert "['backbone.timesFPN_cls_token', 'backbone.timesFPN_pos_embed.weight']" in captured.out
     assert model.config.temporal_module == "conv"
     conv = model.vision_model.stan.layers[1].temporal.conv
     assert torch.equal(conv.weight, official["backbone.STAN_T_layers.1.layers.weight"])
@@ -218,3 +220,35 @@ def test_cli_reports_errors_without_a_traceback(parity_dir, tmp_path):
     )
     assert result.returncode == 2
     assert "empty.pth: not a PyTorch checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+# Made by running the authors' 38de624 modules (`VITCLIPPretrained_STAN`, `BERTCLIPPretrained`): see the folder's README.
+PARITY_38DE624 = Path(__file__).parent / "fixtures" / "parity_38de624"
+
+
+@pytest.mark.parametrize("temporal_module", ["attention", "conv"])
+def test_checkpoint_of_the_authors_38de624_modules_converts_and_reproduces_their_embeddings(temporal_module):
+    folder = PARITY_38DE624 / temporal_module
+    logger = logging.get_logger("modeling_stan.conversion.convert_original_checkpoint")
+    with CaptureLogger(logger) as captured:
+        model = convert_original_checkpoint(folder / "epoch_5.pth", folder / "clip", temperature=0.01, num_frames=4)
+    assert "['backbone.timesFPN_cls_token', 'backbone.timesFPN_pos_embed.weight']" in captured.out
+    assert (model.config.stan_depth, model.config.temporal_module) == (2, temporal_module)
+    expected = load_file(str(folder / "io.safetensors"))
+    with torch.no_grad():
+        video = model.get_video_features(expected["pixel_values"])
+        text = model.get_text_features(expected["input_ids"], expected["attention_mask"])
+    close = dict(atol=1e-5, rtol=0)
+    torch.testing.assert_close(video.pooler_output, expected["video_embeds"], **close)
+    torch.testing.assert_close(video.frame_embeds, expected["frame_embeds"], **close)
+    torch.testing.assert_close(text.pooler_output, expected["text_embeds"], **close)
+
+
+@pytest.mark.parametrize("stray", ["backbone.timesFPN_pos_embed", "backbone.timesFPN_cls_token.weight"])
+def test_a_stray_key_beside_the_38de624_names_is_refused_by_name(tmp_path, stray):
+    folder = PARITY_38DE624 / "conv"
+    checkpoint = torch.load(folder / "epoch_5.pth", map_location="cpu", weights_only=True)
+    checkpoint["state_dict"][stray] = torch.zeros(1)
+    torch.save(checkpoint, tmp_path / "stray.pth")
+    with pytest.raises(CheckpointConversionError, match=rf"1 keys could not be mapped: \['{re.escape(stray)}'\]"):
+        convert_original_checkpoint(tmp_path / "stray.pth", folder / "clip", temperature=0.01)

@@ -45,9 +45,10 @@ _KEY_RULES = [
     (r"^text_backbone\.text_projection\.", "text_projection."),
 ]
 _IGNORED_SOURCE_KEYS = re.compile(r"(^|\.)position_ids$")
-# Checkpoints of the authors' older `timesFPN_` code carry a branch position embedding and [CLS] token that their
-# forward pass never reads (the branch re-uses CLIP's own): they are dropped, and the log says so.
-_UNUSED_SOURCE_KEYS = re.compile(r"^backbone\.timesFPN_(pos_embed|cls_token)$")
+# The authors' older `timesFPN_` backbone (38de624, `VITCLIPPretrained_STAN`) registers a branch position embedding
+# (an `nn.Embedding`, hence `.weight`) and a [CLS] parameter that its forward pass never reads (the branch re-uses
+# CLIP's own): exactly these two names are dropped, and the log says so.
+_UNUSED_SOURCE_KEYS = re.compile(r"^backbone\.timesFPN_(pos_embed\.weight|cls_token)$")
 _CONV_TEMPORAL_LAYER = re.compile(r"^backbone\.(?:STAN|timesFPN)_T_layers\.\d+\.layers\.")
 _SPATIAL_LAYER = re.compile(r"^backbone\.(?:STAN|timesFPN)_S_layers\.(\d+)\.")
 
