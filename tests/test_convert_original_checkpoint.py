@@ -222,7 +222,7 @@ def test_cli_reports_errors_without_a_traceback(parity_dir, tmp_path):
     assert "empty.pth: not a PyTorch checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
-# Made by running the authors' 38de624 modules (`VITCLIPPretrained_STAN`, `BERTCLIPPretrained`): see the folder's README.
+# Made by running the authors' 38de624 modules (`VITCLIPPretrained_STAN`, `BERTCLIPPretrained`): see its README.
 PARITY_38DE624 = Path(__file__).parent / "fixtures" / "parity_38de624"
 
 

@@ -1,16 +1,28 @@
-"""Convert a checkpoint of the authors' STAN / Mug-STAN code (an mmaction2 fork) into a `StanForVideoTextRetrieval`.
+"""Convert the authors' checkpoints into this package's models (console script `stan-convert`).
 
-    python -m modeling_stan.conversion.convert_original_checkpoint --checkpoint stan_msrvtt_b32.pth \
-        --clip openai/clip-vit-base-patch32 --output stan-msrvtt-b32 --temperature 0.01
+- STAN / Mug-STAN (farewellthree/STAN, an mmaction2 fork; the current `STAN_` and the older `timesFPN_` key
+  prefixes) into a `StanForVideoTextRetrieval`:
 
-The conversion is strict: every key of the source is mapped (or the conversion fails with the list of keys it
-could not map), and every weight of the target model is filled.
+    stan-convert --checkpoint stan_msrvtt_b32.pth --clip openai/clip-vit-base-patch32 --output stan-msrvtt-b32 \
+        --temperature 0.01
+
+- ViFi-CLIP (muzairkhattak/ViFi-CLIP; fine-tuned or prompted) into a `StanForVideoClassification` with the
+  text-encoder head, given the classes to predict (see `convert_vifi_checkpoint`):
+
+    stan-convert --checkpoint k400_clip_complete_finetuned_30_epochs.pth --clip openai/clip-vit-base-patch16 \
+        --labels labels/kinetics_400_labels.csv --output vifi-clip-b16-k400
+
+The layout is recognised from the keys (`--format` to insist). Files are read with `torch.load(weights_only=True)`
+(a ViFi-CLIP run's yacs configuration is read as plain dicts, never unpickled as a yacs object). The conversion is
+strict: every key of the source is mapped or dropped by name (or the conversion fails naming the keys it could not
+map), and every weight of the target model is filled.
 """
 
 import argparse
 import math
 import pickle
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -61,33 +73,63 @@ def map_key(source_key: str) -> str | None:
     return None
 
 
-def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Reads `.safetensors`, or `.pth`/`.bin`/`.pt` with `torch.load(weights_only=True)` (never full unpickling).
-
-    Accepts an mmengine checkpoint (a dict with `state_dict`) or a bare state dict.
-    """
+def load_checkpoint(path: str | Path) -> dict:
+    """Reads `.safetensors`, or `.pth`/`.bin`/`.pt` with `torch.load(weights_only=True)` (never full unpickling)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointConversionError(f"{path}: no such checkpoint file.")
     if path.suffix == ".safetensors":
         try:
-            checkpoint = load_file(str(path))
+            return load_file(str(path))
         except (SafetensorError, OSError) as error:
             raise CheckpointConversionError(f"{path}: not a readable safetensors file ({error}).") from error
-    else:
-        checkpoint = _torch_load_weights_only(path)
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    return _torch_load_weights_only(path)
+
+
+def checkpoint_state_dict(checkpoint, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint: under `state_dict` (mmengine), under `model` (ViFi-CLIP), or the dict itself."""
+    state_dict = None
+    if isinstance(checkpoint, dict):
+        state_dict = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
     if not isinstance(state_dict, dict) or not state_dict:
-        raise CheckpointConversionError(f"{path}: expected a state dict (or a dict with 'state_dict'), found none.")
+        raise CheckpointConversionError(
+            f"{path}: expected a state dict (or a dict with 'state_dict' or 'model'), found none."
+        )
     not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise CheckpointConversionError(f"{path}: these entries of the state dict are not tensors: {not_tensors[:10]}")
     return state_dict
 
 
+def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint file: an mmengine checkpoint (a dict with `state_dict`), a ViFi-CLIP one (with
+    `model`) or a bare state dict."""
+    return checkpoint_state_dict(load_checkpoint(path), path)
+
+
+def checkpoint_format(state_dict: dict, path: str | Path) -> str:
+    """`"stan"` or `"vifi"`, from the key layout; anything else is refused in one line."""
+    from .convert_vifi_checkpoint import is_vifi_state_dict
+
+    if is_vifi_state_dict(state_dict):
+        return "vifi"
+    if any(key.startswith(("backbone.", "text_backbone.")) for key in state_dict):
+        return "stan"
+    raise CheckpointConversionError(
+        f"{path}: not a layout stan-convert knows (STAN: backbone.*, text_backbone.*; ViFi-CLIP: image_encoder.*, "
+        f"text_encoder.*, prompt_learner.*); its first keys: {sorted(state_dict)[:5]}"
+    )
+
+
+# A ViFi-CLIP checkpoint stores its run configuration, a yacs `CfgNode` (a dict subclass): it loads as an
+# OrderedDict (keys, values and attributes as stored), so that no yacs code runs and yacs need not be installed.
+_PLAIN_STAND_INS = [(OrderedDict, "yacs.config.CfgNode")]
+
+
 def _torch_load_weights_only(path: Path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_PLAIN_STAND_INS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointConversionError(
             f"{path}: refused by torch.load(weights_only=True); it holds objects other than tensors and plain "
@@ -159,6 +201,10 @@ def convert_original_checkpoint(
     `temperature` is the authors' fixed tau (0.01 for B/32, 0.02 for B/16): the model then uses scale 1 / tau.
     """
     state_dict = load_original_state_dict(checkpoint)
+    if checkpoint_format(state_dict, checkpoint) == "vifi":
+        raise CheckpointConversionError(
+            f"{checkpoint}: a ViFi-CLIP checkpoint; convert it with `convert_vifi_checkpoint` (stan-convert --labels)."
+        )
     depth = infer_stan_depth(state_dict) if stan_depth is None else stan_depth
     module = infer_temporal_module(state_dict) if temporal_module is None else temporal_module
     clip_config = CLIPConfig.from_pretrained(clip)
@@ -216,37 +262,84 @@ def _processor_for(clip: str | Path, config: StanConfig):
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_STAN_ONLY_OPTIONS = ("temporal_module", "stan_depth", "alignment", "temperature")
+_VIFI_ONLY_OPTIONS = ("labels", "template")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="the authors' checkpoint: .pth, .bin or .safetensors")
     parser.add_argument("--clip", required=True, help="CLIP checkpoint it was trained from (directory or Hub id)")
     parser.add_argument("--output", required=True, help="directory to write the converted model to")
-    parser.add_argument("--temporal-module", choices=["attention", "conv"], help="default: inferred")
-    parser.add_argument("--stan-depth", type=int, help="K; default: inferred from the checkpoint")
-    parser.add_argument("--alignment", choices=["mean", "mug"], default="mean")
-    parser.add_argument("--temperature", type=float, help="fixed tau of the authors' config (0.01 B/32, 0.02 B/16)")
-    parser.add_argument("--num-frames", type=int, default=8)
+    parser.add_argument(
+        "--format", choices=["auto", "stan", "vifi"], default="auto", help="key layout; default: recognised"
+    )
+    parser.add_argument("--num-frames", type=int, help="frames per clip (default: the run's, else 8)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    stan = parser.add_argument_group("STAN / Mug-STAN checkpoints")
+    stan.add_argument("--temporal-module", choices=["attention", "conv"], help="default: inferred")
+    stan.add_argument("--stan-depth", type=int, help="K; default: inferred from the checkpoint")
+    stan.add_argument("--alignment", choices=["mean", "mug"], help="default: mean")
+    stan.add_argument("--temperature", type=float, help="fixed tau of the authors' config (0.01 B/32, 0.02 B/16)")
+    vifi = parser.add_argument_group("ViFi-CLIP checkpoints")
+    vifi.add_argument("--labels", help="classes to predict, their labels/*.csv format (id,name); required")
+    vifi.add_argument("--template", help="class prompt (default: the run's, 'a photo of a {}.' without text prompts)")
     args = parser.parse_args(argv)
     try:
-        model = convert_original_checkpoint(
-            args.checkpoint,
-            args.clip,
-            args.output,
-            temporal_module=args.temporal_module,
-            stan_depth=args.stan_depth,
-            alignment=args.alignment,
-            temperature=args.temperature,
-            num_frames=args.num_frames,
-            dtype=_DTYPES[args.dtype],
-        )
+        model = _convert(args, parser)
     except CheckpointConversionError as error:
         parser.exit(2, f"error: {error}\n")
-    print(
-        f"Converted {args.checkpoint} -> {args.output}: stan_depth={model.config.stan_depth}, "
-        f"temporal_module={model.config.temporal_module}, alignment={model.config.alignment}"
+    config = model.config
+    if config.classifier_type == "text_encoder":
+        print(
+            f"Converted {args.checkpoint} -> {args.output}: ViFi-CLIP, {config.num_labels} classes, "
+            f"template {config.hypothesis_template!r}, prompts vision {config.vision_prompt_depth} / text "
+            f"{config.text_prompt_depth} layers"
+        )
+    else:
+        print(
+            f"Converted {args.checkpoint} -> {args.output}: stan_depth={config.stan_depth}, "
+            f"temporal_module={config.temporal_module}, alignment={config.alignment}"
+        )
+
+
+def _convert(args, parser):
+    checkpoint = load_checkpoint(args.checkpoint)
+    state_dict = checkpoint_state_dict(checkpoint, args.checkpoint)
+    found = checkpoint_format(state_dict, args.checkpoint)
+    if args.format != "auto" and args.format != found:
+        raise CheckpointConversionError(f"{args.checkpoint}: --format {args.format}, but its keys are {found}'s.")
+    other_options = _STAN_ONLY_OPTIONS if found == "vifi" else _VIFI_ONLY_OPTIONS
+    misplaced = [f"--{name.replace('_', '-')}" for name in other_options if getattr(args, name) is not None]
+    if misplaced:
+        parser.error(f"{', '.join(misplaced)} do not apply to a {found} checkpoint ({args.checkpoint}).")
+    if found == "vifi":
+        from .convert_vifi_checkpoint import convert_vifi_checkpoint, read_labels
+
+        if args.labels is None:
+            parser.error("a ViFi-CLIP checkpoint needs --labels (the classes to predict, their id,name csv format).")
+        return convert_vifi_checkpoint(
+            checkpoint,
+            args.clip,
+            read_labels(args.labels),
+            args.output,
+            template=args.template,
+            num_frames=args.num_frames,
+            dtype=_DTYPES[args.dtype],
+            source=str(args.checkpoint),
+        )
+    return convert_original_checkpoint(
+        args.checkpoint,
+        args.clip,
+        args.output,
+        temporal_module=args.temporal_module,
+        stan_depth=args.stan_depth,
+        alignment=args.alignment or "mean",
+        temperature=args.temperature,
+        num_frames=args.num_frames or 8,
+        dtype=_DTYPES[args.dtype],
     )
 
 
