@@ -268,7 +268,9 @@ _VIFI_ONLY_OPTIONS = ("labels", "template")
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, help="the authors' checkpoint: .pth, .bin or .safetensors")
     parser.add_argument("--clip", required=True, help="CLIP checkpoint it was trained from (directory or Hub id)")

@@ -17,7 +17,10 @@ prompting runs also get the vision prompts (`image_encoder.VPT`, `...resblocks.N
 (`prompt_learner.ctx`, `text_encoder...resblocks.N.VPT_shallow`), and the class prompt "{name}." after them.
 
 The saved processor normalises with their ImageNet mean and std and resizes the short side to 256/224 of the input
-size before a centre crop (their single-view test pipeline, `datasets/build.py`).
+size (bilinear) before a centre crop: their single-view test pipeline (`datasets/build.py`). Two differences remain
+in the processor: its test-time frame sampling is the STAN authors' (segment starts on `(n - 1) / T` steps) where
+theirs takes frame `int((i + 1/2) * n / T)`, and it resizes in float with antialiasing where mmcv's OpenCV resize
+does not; their multi-view test (4 clips x 3 crops, softmax averaged) is the processor's `num_clips` / `num_crops`.
 """
 
 import csv
@@ -89,7 +92,7 @@ def is_vifi_state_dict(state_dict: dict) -> bool:
 
 
 def _strip_ddp(key: str) -> str:
-    return key[len("module.") :] if key.startswith("module.") else key
+    return key.removeprefix("module.")
 
 
 def read_labels(path: str | Path) -> list[str]:
