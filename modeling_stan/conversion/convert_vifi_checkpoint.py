@@ -33,7 +33,7 @@ from transformers.utils import logging
 
 from ..configuration_stan import StanConfig
 from ..modeling_stan import StanForVideoClassification
-from .convert_original_checkpoint import CheckpointConversionError
+from .convert_original_checkpoint import CheckpointConversionError, checkpoint_state_dict, load_checkpoint
 
 
 logger = logging.get_logger(__name__)
@@ -220,7 +220,7 @@ def _check_base_clip(clip, clip_config: CLIPConfig, token_embedding, bos_token_i
 
 
 def convert_vifi_checkpoint(
-    checkpoint: dict,
+    checkpoint: str | Path | dict,
     clip: str | Path,
     labels: list[str],
     output: str | Path | None = None,
@@ -230,8 +230,16 @@ def convert_vifi_checkpoint(
     dtype: torch.dtype = torch.float32,
     source: str = "checkpoint",
 ) -> StanForVideoClassification:
-    """Converts a loaded ViFi-CLIP checkpoint (the dict their `epoch_saving` writes, or its `model` state dict)."""
-    state_dict = checkpoint.get("model", checkpoint)
+    """Converts a ViFi-CLIP checkpoint: a file, the dict their `epoch_saving` writes, or its `model` state dict.
+
+    `labels` are the classes to predict; `template` the class prompt (default: the one their run built).
+
+    >>> labels = read_labels("labels/kinetics_400_labels.csv")
+    >>> model = convert_vifi_checkpoint("vifi_b16_k400.pth", "openai/clip-vit-base-patch16", labels)
+    """
+    if not isinstance(checkpoint, dict):
+        source, checkpoint = str(checkpoint), load_checkpoint(checkpoint)
+    state_dict = checkpoint_state_dict(checkpoint, source)
     run = vifi_config_fields(checkpoint)
     weights, vision_prompts, text_prompts, class_prompts = map_vifi_state_dict(state_dict, source)
     clip_config = CLIPConfig.from_pretrained(clip)
