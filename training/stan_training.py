@@ -37,7 +37,7 @@ from stan_arguments import (
     TrainingArguments,
     arguments_dict,
 )
-from stan_checkpointing import CheckpointManager, RerunError, Resumption, choose_checkpoint
+from stan_checkpointing import CheckpointManager, CheckpointWriteError, RerunError, Resumption, choose_checkpoint
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -1171,7 +1171,7 @@ class TrainingScript:
         """`main()` for `python script.py`: a run that cannot do its job ends with its reason, not a traceback."""
         try:
             self.main()
-        except (TrainingRunError, RerunError) as error:
+        except (TrainingRunError, RerunError, CheckpointWriteError) as error:
             logger.error(f"{type(error).__name__}: {error}")
             sys.exit(1)
 
