@@ -245,11 +245,15 @@ def process_count_mismatch(saved: int, current: int, checkpoint: str | os.PathLi
     )
 
 
+def check_same_process_count(saved: int | None, current: int, what: str | os.PathLike) -> None:
+    """Refuses (`RerunError`) a state saved by `saved` processes (None: unknown) in a run of `current`."""
+    if saved is not None and saved != current:
+        raise RerunError(process_count_mismatch(saved, current, what))
+
+
 def check_process_count(checkpoint: Path, num_processes: int) -> None:
     """Refuses (`RerunError`) to resume `checkpoint` on another number of processes than wrote it."""
-    saved = saved_process_count(checkpoint)
-    if saved is not None and saved != num_processes:
-        raise RerunError(process_count_mismatch(saved, num_processes, checkpoint))
+    check_same_process_count(saved_process_count(checkpoint), num_processes, checkpoint)
 
 
 def _remove_atomically(path: Path) -> None:

@@ -1352,6 +1352,11 @@ def run_summary(results: dict, output_dir: Path, metrics: Sequence[str], best_me
     rows += [(f"test {name}", f"{test[name]:.2f}") for name in metrics if name in test]
     rows += [
         ("corrupt training samples", f"{train['corrupt_samples']} of {train['samples']}"),
+        *(
+            [("lost training samples", f"{train['lost_samples']} in damaged shards {sorted(train['damaged_shards'])}")]
+            if train.get("lost_samples")
+            else []
+        ),
         ("skipped steps", f"{train['skipped_steps']} (no usable sample), {train['nonfinite_steps']} (non-finite)"),
         ("runtime", f"{train['runtime_seconds']:.0f} s"),
         ("model and processor", str(output_dir)),
