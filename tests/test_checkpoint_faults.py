@@ -11,12 +11,11 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 from accelerate import Accelerator
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, launch_two_processes
 from safetensors.torch import load_file
 from test_training import run  # one in-process runner for the training scripts' tests
 
@@ -57,26 +56,6 @@ FLAGS = [
     "--save_steps",
     2,
 ]
-LAUNCH_TWO = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
-ENV = {
-    **os.environ,
-    "ACCELERATE_USE_CPU": "1",
-    "OMP_NUM_THREADS": "1",
-    "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-}
 
 
 @pytest.fixture(scope="module")
@@ -136,46 +115,14 @@ def test_a_checkpoint_of_another_process_count_is_refused_with_both_counts(tmp_p
 def test_a_two_process_run_resumed_in_one_process_and_back_is_refused(tmp_path, data_dir, finished_run):
     """Real processes (gloo on CPU): a 2-process checkpoint refused in 1 process, a 1-process one in 2."""
     two = tmp_path / "two"
-    completed = subprocess.run(
-        [
-            *LAUNCH_TWO,
-            str(REPO_ROOT / "training" / "run_retrieval.py"),
-            *map(str, FLAGS),
-            "--data_dir",
-            str(data_dir),
-            "--output_dir",
-            str(two),
-            "--max_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "2",
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
     flags = [*FLAGS, "--data_dir", data_dir, "--max_steps", 2, "--per_device_train_batch_size", 2]
+    completed = launch_two_processes("run_retrieval.py", *flags, "--output_dir", two)
+    assert completed.returncode == 0, completed.stderr[-4000:]
     with pytest.raises(RerunError, match=r"checkpoint-2 was written by a run on 2 process\(es\); this run has 1"):
         run(run_retrieval, two, *flags)
 
     one = copy_of(finished_run, tmp_path / "one")
-    completed = subprocess.run(
-        [
-            *LAUNCH_TWO,
-            str(REPO_ROOT / "training" / "run_retrieval.py"),
-            *map(str, FLAGS),
-            "--data_dir",
-            str(data_dir),
-            "--output_dir",
-            str(one),
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    completed = launch_two_processes("run_retrieval.py", *FLAGS, "--data_dir", data_dir, "--output_dir", one)
     assert completed.returncode == 1
     assert "checkpoint-4 was written by a run on 1 process(es); this run has 2" in completed.stderr
 

@@ -14,7 +14,7 @@ import tarfile
 import time
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, launch_two_processes
 from test_training import run  # one in-process runner for the training scripts' tests
 
 from modeling_stan import StanForVideoTextRetrieval
@@ -69,47 +69,26 @@ def data_dir(tmp_path_factory):
 def two_process_run(tmp_path_factory, data_dir):
     """One epoch in 2 gloo processes x 2 dataloader workers: 4 streams per source, 2 shards (4 samples) each."""
     root = tmp_path_factory.mktemp("two_processes")
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
     steps = 2 * SIZES["train"] // (2 * 2)  # two sources, global batch 2 x 2
-    completed = subprocess.run(
-        [
-            *launch,
-            str(REPO_ROOT / "training" / "run_pretraining.py"),
-            *map(str, SMALL),
-            "--data_dir",
-            str(data_dir),
-            "--output_dir",
-            str(root / "out"),
-            "--dataloader_num_workers",
-            "2",
-            "--max_steps",
-            str(steps),
-            "--shuffle_buffer_size",
-            "3",
-            "--eval_strategy",
-            "no",
-            "--save_strategy",
-            "no",
-            "--debug_dump_dir",
-            str(root / "dump"),
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    completed = launch_two_processes(
+        "run_pretraining.py",
+        *SMALL,
+        "--data_dir",
+        data_dir,
+        "--output_dir",
+        root / "out",
+        "--dataloader_num_workers",
+        2,
+        "--max_steps",
+        steps,
+        "--shuffle_buffer_size",
+        3,
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--debug_dump_dir",
+        root / "dump",
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return root
@@ -255,8 +234,8 @@ def test_two_processes_see_every_sample_of_an_epoch_exactly_once(two_process_run
     assert by_rank[0] == by_rank[1] and set(by_rank[0].values()) == {"videos", "images"}
     results = json.loads((two_process_run / "out" / "all_results.json").read_text())
     assert results["train"]["sources"] == {
-        "videos": {"samples_seen": 16, "corrupt_samples": 0},
-        "images": {"samples_seen": 16, "corrupt_samples": 0},
+        "videos": {"samples_seen": 16, "corrupt_samples": 0, "lost_samples": 0, "damaged_shards": {}},
+        "images": {"samples_seen": 16, "corrupt_samples": 0, "lost_samples": 0, "damaged_shards": {}},
     }
     assert "t2v_R@1" in results["test"]
     model = StanForVideoTextRetrieval.from_pretrained(two_process_run / "out")
