@@ -153,6 +153,17 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path, d
     assert checkpoint_problem(damaged.parent) is None
 
 
+def test_pruning_keeps_intact_checkpoints_over_a_damaged_newer_one(finished_run, tmp_path):
+    """A run resumed from checkpoint-2 past a damaged checkpoint-4 saves checkpoint-3: with --save_total_limit 1
+    the damaged checkpoint must not be the one kept."""
+    directory = copy_of(finished_run / "checkpoints", tmp_path / "checkpoints")
+    truncate(directory / "checkpoint-4" / "model.safetensors")
+    shutil.copytree(directory / "checkpoint-2", directory / "checkpoint-3")
+    manager = CheckpointManager(Accelerator(cpu=True), directory, total_limit=1)
+    manager._prune(protected_step=None)
+    assert manager.steps() == [3]
+
+
 def test_a_checkpoint_file_of_another_size_than_saved_is_damaged(finished_run, tmp_path):
     checkpoint = copy_of(finished_run / "checkpoints" / "checkpoint-2", tmp_path / "checkpoint-2")
     assert checkpoint_problem(checkpoint) is None

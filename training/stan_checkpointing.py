@@ -172,8 +172,11 @@ class CheckpointManager:
         _fsync_directory(directory)
 
     def _prune(self, protected_step: int | None) -> None:
+        # A damaged checkpoint (one a resumed run passed over, named in a warning then) neither counts towards the
+        # limit, which would delete intact ones in its place, nor stays.
         steps = self.steps()
-        keep = set(steps if self.total_limit is None else steps[-self.total_limit :])
+        intact = [step for step in steps if checkpoint_problem(self.path(step)) is None]
+        keep = set(intact if self.total_limit is None else intact[-self.total_limit :])
         if protected_step is not None:
             keep.add(protected_step)
         for step in steps:
