@@ -1,5 +1,8 @@
 """Shared fixtures: tiny random CLIP / STAN models built locally (no downloads), seeded."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,33 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not available (../shared is absent)")
     return path
+
+
+def launch_two_processes(script: str, *flags, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `training/{script}` in 2 CPU processes (gloo), with this checkout first on the path;
+    its output captured as text."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO_ROOT / "training" / script),
+        *map(str, flags),
+    ]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def tiny_stan_config(**stan_kwargs) -> StanConfig:

@@ -14,11 +14,11 @@ import tarfile
 import time
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, launch_two_processes
 from test_training import run  # one in-process runner for the training scripts' tests
 
 from modeling_stan import StanForVideoTextRetrieval
-from modeling_stan.demo.synthetic_videos import generate_synthetic_dataset, plan_videos
+from modeling_stan.demo.synthetic_videos import caption_for, generate_synthetic_dataset, plan_videos
 from modeling_stan.video_processing_stan import StanVideoProcessor
 
 
@@ -69,47 +69,26 @@ def data_dir(tmp_path_factory):
 def two_process_run(tmp_path_factory, data_dir):
     """One epoch in 2 gloo processes x 2 dataloader workers: 4 streams per source, 2 shards (4 samples) each."""
     root = tmp_path_factory.mktemp("two_processes")
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
     steps = 2 * SIZES["train"] // (2 * 2)  # two sources, global batch 2 x 2
-    completed = subprocess.run(
-        [
-            *launch,
-            str(REPO_ROOT / "training" / "run_pretraining.py"),
-            *map(str, SMALL),
-            "--data_dir",
-            str(data_dir),
-            "--output_dir",
-            str(root / "out"),
-            "--dataloader_num_workers",
-            "2",
-            "--max_steps",
-            str(steps),
-            "--shuffle_buffer_size",
-            "3",
-            "--eval_strategy",
-            "no",
-            "--save_strategy",
-            "no",
-            "--debug_dump_dir",
-            str(root / "dump"),
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    completed = launch_two_processes(
+        "run_pretraining.py",
+        *SMALL,
+        "--data_dir",
+        data_dir,
+        "--output_dir",
+        root / "out",
+        "--dataloader_num_workers",
+        2,
+        "--max_steps",
+        steps,
+        "--shuffle_buffer_size",
+        3,
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--debug_dump_dir",
+        root / "dump",
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return root
@@ -136,13 +115,23 @@ def test_shard_patterns_expand_braces_and_globs_and_name_missing_files(tmp_path)
         pretraining_data.expand_shards(str(tmp_path / "a-{002..003}.tar"))
 
 
-def test_sources_are_sized_from_stats_files_or_flags(tmp_path):
+def test_sources_are_sized_from_stats_files_or_flags(tmp_path, caplog):
     for shard, successes in (("00000", 5), ("00001", 7)):
-        (tmp_path / f"{shard}.tar").write_bytes(b"")
+        tarfile.open(tmp_path / f"{shard}.tar", "w").close()  # a complete tar: taken at its stats' word
         (tmp_path / f"{shard}_stats.json").write_text(json.dumps({"successes": successes}))
     sources = pretraining_data.parse_sources([f"web={tmp_path}/{{00000..00001}}.tar"], None)
     assert [(s.name, s.num_samples, len(s.files)) for s in sources] == [("web", 12, 2)]
-    assert pretraining_data.parse_sources([f"web={tmp_path}/00000.tar"], [100])[0].num_samples == 100
+    # A declared size that disagrees with the stats is a warning with both numbers; an epoch never holds more
+    # samples than the shards (it would repeat some).
+    assert pretraining_data.parse_sources([f"web={tmp_path}/00000.tar"], [100])[0].num_samples == 5
+    assert "--train_num_samples gives 100 samples for source 'web', but its shards' _stats.json files declare 5" in (
+        caplog.text
+    )
+    assert pretraining_data.parse_sources([f"web={tmp_path}/00000.tar"], [3])[0].num_samples == 3
+    assert "gives 3 samples for source 'web', but its shards' _stats.json files declare 5: an epoch uses 3" in (
+        caplog.text
+    )
+    assert pretraining_data.parse_sources([f"web={tmp_path}/00000.tar"], [5])[0].num_samples == 5
     (tmp_path / "00001_stats.json").unlink()
     with pytest.raises(ValueError, match="--train_num_samples"):
         pretraining_data.parse_sources([f"web={tmp_path}/00001.tar"], None)
@@ -245,8 +234,8 @@ def test_two_processes_see_every_sample_of_an_epoch_exactly_once(two_process_run
     assert by_rank[0] == by_rank[1] and set(by_rank[0].values()) == {"videos", "images"}
     results = json.loads((two_process_run / "out" / "all_results.json").read_text())
     assert results["train"]["sources"] == {
-        "videos": {"samples_seen": 16, "corrupt_samples": 0},
-        "images": {"samples_seen": 16, "corrupt_samples": 0},
+        "videos": {"samples_seen": 16, "corrupt_samples": 0, "lost_samples": 0, "damaged_shards": {}},
+        "images": {"samples_seen": 16, "corrupt_samples": 0, "lost_samples": 0, "damaged_shards": {}},
     }
     assert "t2v_R@1" in results["test"]
     model = StanForVideoTextRetrieval.from_pretrained(two_process_run / "out")
@@ -385,3 +374,160 @@ def test_options_of_the_command_line_and_its_config_file_count_as_given(tmp_path
     assert given == {"config", "stan_depth", "alignment", "do_train", "seed"}
     # The config file read once still sets its options, under the flags.
     assert (model.stan_depth, task.alignment, training.do_train, training.seed) == (2, "mug", False, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Damaged shards (video2dataset's layout: 00000.tar + 00000_stats.json + 00000.parquet, members <key>.json, .mp4,
+# .txt; 16 videos in 4 shards of 4)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def video2dataset_shards(folder, data_dir) -> str:
+    videos = [
+        video for video in plan_videos(num_train=16, num_val=8, num_test=8, size=64, seed=5) if video.split == "train"
+    ]
+    samples = [
+        (
+            f"{i // 4:05d}{i % 4:04d}",  # video2dataset's keys: shard number, then the sample's number in it
+            {
+                "mp4": (data_dir / "videos" / f"{video.video_id}.mp4").read_bytes(),
+                "txt": caption_for(video.shape, video.colour, video.direction),
+            },
+        )
+        for i, video in enumerate(videos)
+    ]
+    return pretraining_data.write_shards(folder, samples, samples_per_shard=4)
+
+
+def members(shard) -> list[tarfile.TarInfo]:
+    with tarfile.open(shard) as tar:
+        return tar.getmembers()
+
+
+def cut_at_member(shard, name: str) -> None:
+    """Truncates `shard` just before member `name`'s header: a 512-byte boundary, so it reads as a complete tar."""
+    offset = next(member.offset for member in members(shard) if member.name == name)
+    os.truncate(shard, offset)
+
+
+def cut_inside_member(shard, name: str) -> None:
+    member = next(member for member in members(shard) if member.name == name)
+    os.truncate(shard, member.offset_data + member.size // 2)
+
+
+def keys_of(shard) -> list[str]:
+    return sorted({member.name.split(".")[0] for member in members(shard)})
+
+
+def test_shards_in_video2dataset_layout_are_checked_against_their_stats(tmp_path, data_dir):
+    pattern = video2dataset_shards(tmp_path / "web", data_dir)
+    shard = tmp_path / "web" / "00001.tar"
+    assert sorted(p.name for p in (tmp_path / "web").glob("00001*")) == [
+        "00001.parquet",
+        "00001.tar",
+        "00001_stats.json",
+    ]
+    assert [m.name for m in members(shard)[:3]] == ["000010000.json", "000010000.mp4", "000010000.txt"]
+    stats = json.loads((tmp_path / "web" / "00001_stats.json").read_text())
+    assert {"count", "successes", "failed_to_download", "failed_to_subsample", "status_dict"} <= set(stats)
+    assert pretraining_data.check_shard(str(shard), 4).damage is None
+
+    def check(cut, name):
+        damaged = tmp_path / f"{cut.__name__}-{name}.tar"
+        damaged.write_bytes(shard.read_bytes())
+        cut(damaged, name)
+        result = pretraining_data.check_shard(str(damaged), 4)
+        read = list(pretraining_data.read_shards([(str(damaged), result.readable)]))
+        assert [sample["__key__"] for sample in read] == keys_of(shard)[: result.readable]
+        assert all(set(sample) == {"__key__", "__url__", "json", "mp4", "txt"} for sample in read)
+        return result
+
+    # Cut between two samples: Python's tarfile reads the rest without an error, the marker check finds it.
+    boundary = check(cut_at_member, "000010002.json")
+    assert (boundary.readable, boundary.lost_samples) == (2, 2) and "member boundary" in boundary.damage
+    # Cut between the video and the caption of a sample: that sample is incomplete, so lost too.
+    within = check(cut_at_member, "000010002.txt")
+    assert (within.readable, within.lost_samples) == (2, 2)
+    middle = check(cut_inside_member, "000010002.mp4")
+    assert (middle.readable, middle.lost_samples) == (2, 2)
+    assert "cut inside member '000010002.mp4'" in middle.damage
+    first = check(cut_inside_member, "000010000.json")
+    assert (first.readable, first.lost_samples) == (0, 4)
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(shard.read_bytes()[: members(shard)[3].offset] + b"<html>not found</html>" * 100)
+    assert pretraining_data.check_shard(str(garbage), 4).readable == 1
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    assert pretraining_data.check_shard(str(empty), 4).lost_samples == 4
+    assert pretraining_data.expand_shards(pattern)[1] == str(shard)
+
+
+def test_a_shard_damaged_while_streamed_is_skipped_from_there_and_named(tmp_path, data_dir, caplog):
+    """Remote shards are not checked before the run: the stream meets the damage and stops that shard there."""
+    video2dataset_shards(tmp_path / "web", data_dir)
+    shard, intact = tmp_path / "web" / "00001.tar", tmp_path / "web" / "00002.tar"
+    expected = keys_of(shard)[:2] + keys_of(intact)
+    cut_inside_member(shard, "000010002.mp4")
+    read = list(pretraining_data.read_shards([(str(shard), None), (str(intact), None)]))
+    assert [sample["__key__"] for sample in read] == expected
+    assert f"Shard {shard} is damaged after 2 sample(s) (ReadError" in caplog.text
+
+
+@pytest.mark.parametrize("cut", ["boundary", "mid-member"])
+def test_a_run_with_a_cut_shard_completes_counts_and_names_the_lost_samples(tmp_path, data_dir, caplog, cut):
+    """Two epochs of the 14 readable samples: each seen exactly once per epoch, the 2 lost ones never."""
+    pattern = video2dataset_shards(tmp_path / "web", data_dir)
+    shard = tmp_path / "web" / "00001.tar"
+    all_keys = [key for path in pretraining_data.expand_shards(pattern) for key in keys_of(path)]
+    if cut == "boundary":
+        cut_at_member(shard, "000010002.json")
+    else:
+        cut_inside_member(shard, "000010002.mp4")
+    results = run(
+        run_pretraining,
+        tmp_path / "out",
+        *DATA,
+        "--data_dir",
+        data_dir,
+        "--train_shards",
+        f"webvid={pattern}",
+        "--per_device_train_batch_size",
+        2,
+        "--dataloader_num_workers",
+        2,
+        "--shuffle_buffer_size",
+        3,
+        "--max_steps",
+        14,
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--debug_dump_dir",
+        tmp_path / "dump",
+    )
+    source = results["train"]["sources"]["webvid"]
+    assert source["lost_samples"] == results["train"]["lost_samples"] == 2
+    assert list(source["damaged_shards"]) == [str(shard)] and source["damaged_shards"][str(shard)]["lost_samples"] == 2
+    assert (
+        json.loads((tmp_path / "out" / "all_results.json").read_text())["train"]["sources"]
+        == results["train"]["sources"]
+    )
+    assert f"shard {shard} is damaged" in caplog.text and "2 sample(s) are lost" in caplog.text
+    readable = sorted(set(all_keys) - {"000010002", "000010003"})
+    records = trained_keys(tmp_path / "dump")
+    for epoch in (0, 1):
+        keys = [key for record in records if record["epoch"] == epoch for key in record["keys"]]
+        assert sorted(keys) == readable, epoch  # every readable sample once, none repeated
+
+
+def test_two_cut_shards_below_the_usable_fraction_fail_naming_them(tmp_path, data_dir):
+    pattern = video2dataset_shards(tmp_path / "web", data_dir)
+    cut_at_member(tmp_path / "web" / "00001.tar", "000010002.json")
+    cut_inside_member(tmp_path / "web" / "00002.tar", "000020002.mp4")
+    # 12 of 16 samples readable: 75%, below the default --min_usable_sample_fraction 0.8.
+    with pytest.raises(run_pretraining.UnusableTrainingDataError) as failure:
+        run(run_pretraining, tmp_path / "out", *DATA, "--data_dir", data_dir, "--train_shards", f"webvid={pattern}")
+    message = str(failure.value)
+    assert "source 'webvid': only 12 of its 16 samples (75%) can be read" in message
+    assert str(tmp_path / "web" / "00001.tar") in message and str(tmp_path / "web" / "00002.tar") in message

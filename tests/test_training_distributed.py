@@ -6,14 +6,12 @@ The run uses Mug-STAN alignment, so token embeddings, masks and frame embeddings
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, launch_two_processes
 from safetensors.torch import load_file
 
 from modeling_stan import StanForVideoTextRetrieval
@@ -65,66 +63,33 @@ def runs(tmp_path_factory):
     """Two processes with 4 videos each, and one process with 8: the same global batches in the same order."""
     root = tmp_path_factory.mktemp("distributed")
     data_dir = generate_synthetic_dataset(root / "data", num_train=16, num_val=8, num_test=8, seed=1)
-    flags = [*map(str, COMMON), "--data_dir", str(data_dir)]
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    two = subprocess.run(
-        [
-            *launch,
-            str(REPO_ROOT / "training" / "run_retrieval.py"),
-            *flags,
-            "--output_dir",
-            str(root / "two"),
-            "--per_device_train_batch_size",
-            "4",
-            "--debug_dump_dir",
-            str(root / "two_dump"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    flags = [*COMMON, "--data_dir", data_dir]
+    two = launch_two_processes(
+        "run_retrieval.py",
+        *flags,
+        "--output_dir",
+        root / "two",
+        "--per_device_train_batch_size",
+        4,
+        "--debug_dump_dir",
+        root / "two_dump",
     )
     print(f"two-process run: exit {two.returncode}", flush=True)
     assert two.returncode == 0, two.stderr[-4000:]
     # The same two processes with the authors' gradient scale (their gather keeps only the local slice).
-    local = subprocess.run(
-        [
-            *launch,
-            str(REPO_ROOT / "training" / "run_retrieval.py"),
-            *flags,
-            "--output_dir",
-            str(root / "two_local"),
-            "--per_device_train_batch_size",
-            "4",
-            "--debug_dump_dir",
-            str(root / "two_local_dump"),
-            "--gather_gradient",
-            "local",
-            "--max_steps",
-            "1",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    local = launch_two_processes(
+        "run_retrieval.py",
+        *flags,
+        "--output_dir",
+        root / "two_local",
+        "--per_device_train_batch_size",
+        4,
+        "--debug_dump_dir",
+        root / "two_local_dump",
+        "--gather_gradient",
+        "local",
+        "--max_steps",
+        1,
     )
     assert local.returncode == 0, local.stderr[-4000:]
 
@@ -132,7 +97,7 @@ def runs(tmp_path_factory):
     GradientState._reset_state()
     run_retrieval.main(
         [
-            *flags,
+            *map(str, flags),
             "--output_dir",
             str(root / "one"),
             "--per_device_train_batch_size",

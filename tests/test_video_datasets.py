@@ -405,3 +405,35 @@ def test_video_ids_cannot_leave_the_video_folder(tmp_path):
     annotations.write_text("key,vid_key,video_id,sentence\nk,v,../outside,a caption\n")
     with pytest.raises(AnnotationError, match=r"test\.csv: video '\.\./outside': its path .* leaves the video folder"):
         load_msrvtt(annotations, _videos(tmp_path, []))
+
+
+def test_a_byte_order_mark_keeps_the_labels_of_a_kinetics_csv_and_a_json_file(tmp_path):
+    """Spreadsheet exports start with a UTF-8 byte-order mark; it must not become part of the first column's name."""
+    videos = _videos(
+        tmp_path,
+        ["---QUuC4vJs_000003_000013.mp4", "--nQbRBEz2s_000104_000114.mp4", "-0O4Znnq0zs_000000_000010.mp4"],
+    )
+    with_bom = tmp_path / "train.csv"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + (FIXTURES / "kinetics/train.csv").read_bytes())
+    dataset = load_kinetics(with_bom, videos)
+    assert _classes(dataset) == _classes(load_kinetics(FIXTURES / "kinetics/train.csv", videos))
+    assert _classes(dataset)[0] == "abseiling"
+    didemo = tmp_path / "didemo.json"
+    didemo.write_bytes(b"\xef\xbb\xbf" + (FIXTURES / "didemo/train_data.json").read_bytes())
+    _videos(tmp_path, ["10012345@N04_2345678901_abcdef1234.mp4"])
+    assert len(load_didemo(didemo, videos, video_ext=".mp4")) == 1
+
+
+def test_no_video_found_names_the_extensions_looked_for(tmp_path):
+    # DiDeMo's annotations name .mov/.avi files; transcoded .mp4 videos need --video_ext.
+    videos = _videos(tmp_path, ["10012345@N04_2345678901_abcdef1234.mp4", "20098765@N00_3456789012_0123456789.mp4"])
+    with pytest.raises(
+        FileNotFoundError, match=r"no video found for any annotation .*looked for extensions \.avi, \.mov"
+    ):
+        load_didemo(FIXTURES / "didemo/train_data.json", videos)
+    with pytest.raises(FileNotFoundError, match=r"looked for extension \.webm under"):
+        load_kinetics(FIXTURES / "kinetics/train.csv", videos, video_ext=".webm")
+    (tmp_path / "folders" / "a").mkdir(parents=True)
+    (tmp_path / "folders" / "a" / "clip.txt").touch()
+    with pytest.raises(FileNotFoundError, match=r"no video found .*looked for extensions \.mp4"):
+        load_video_folder(tmp_path / "folders")

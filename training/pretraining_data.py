@@ -1,9 +1,18 @@
 """Streaming video-text and image-text pre-training data for `run_pretraining.py`.
 
 The data are WebDataset tar shards as video2dataset and img2dataset write them (`{key}.mp4` or `{key}.jpg|png|webp`,
-`{key}.txt` caption, optionally `{key}.json`, and a `{shard}_stats.json` beside each tar), read as a stream with
-`datasets.load_dataset("webdataset", streaming=True)`, local or remote (`https://`, `s3://`, ...), named by brace
-patterns (`webvid/{000000..000999}.tar`).
+`{key}.txt` caption, optionally `{key}.json`, and a `{shard}_stats.json` beside each tar), read as a stream (a
+`datasets.IterableDataset` over the tar members, read with `fsspec`), local or remote (`https://`, `s3://`, ...),
+named by brace patterns (`webvid/{000000..000999}.tar`).
+
+Damaged shards (`check_shard`): a local shard that does not end in a tar end-of-archive marker was cut (an
+interrupted copy or download; cut at a member boundary it would read as a complete tar). Its headers are then read to
+find how many whole samples precede the damage; the stream reads those and skips the rest, and the samples its
+`_stats.json` declares beyond them are *lost*: named per shard in the log and counted per source and per shard in
+`all_results.json` (`ShardSource.lost_samples`, `MixedStreamLoader.totals`). An epoch is planned on the samples that
+can be read, so it is never filled by repeating samples; a source whose readable fraction is below
+`--min_usable_sample_fraction` stops the run before training (`usable_shortfall`). A remote shard that turns out
+damaged while streamed is skipped from the point of damage with a warning naming it.
 
 Layout of one process's data:
 
@@ -29,17 +38,22 @@ import json
 import logging
 import os
 import tarfile
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
+import fsspec
 import numpy as np
+import pyarrow
+import pyarrow.parquet as pyarrow_parquet
 import torch
 import torch.distributed as dist
-from datasets import load_dataset
+from datasets import IterableDataset as StreamingDataset
 from datasets.distributed import split_dataset_by_node
 from PIL import Image, UnidentifiedImageError
+from stan_checkpointing import check_same_process_count
 from torch.utils.data import DataLoader, IterableDataset
 
 from modeling_stan.demo.synthetic_videos import SyntheticVideo, caption_for, paraphrase_for, render_clip
@@ -60,12 +74,54 @@ MIXING_RULES = ("size", "weights")
 
 
 @dataclass
+class ShardCheck:
+    """What one shard should hold (`declared`, its `_stats.json` "successes"; None without one) and, if it is
+    damaged, what is wrong (`damage`) and how many whole samples precede the damage (`readable`)."""
+
+    path: str
+    declared: int | None
+    damage: str | None = None
+    readable: int | None = None
+
+    @property
+    def lost_samples(self) -> int | None:
+        """Samples declared but unreadable (None: not known, the shard has no stats)."""
+        if self.damage is None:
+            return 0
+        if self.declared is None or self.readable is None:
+            return None
+        return max(self.declared - self.readable, 0)
+
+
+@dataclass
 class ShardSource:
-    """One training source: its name, its shard files (expanded) and its number of samples."""
+    """One training source: its name, its shard files (expanded), its number of samples in an epoch and, from
+    `_stats.json`, the number its shards declare (None if not all have stats) and its damaged shards."""
 
     name: str
     files: list[str]
     num_samples: int
+    declared_samples: int | None = None
+    damaged: list[ShardCheck] = field(default_factory=list)
+
+    @property
+    def lost_samples(self) -> int:
+        return sum(check.lost_samples or 0 for check in self.damaged)
+
+    @property
+    def read_limits(self) -> dict[str, int]:
+        """The samples to read of each damaged shard (those before the damage)."""
+        return {check.path: check.readable for check in self.damaged if check.readable is not None}
+
+    def damage_report(self) -> dict[str, dict]:
+        return {
+            check.path: {
+                "lost_samples": check.lost_samples,
+                "declared_samples": check.declared,
+                "damage": check.damage,
+            }
+            for check in self.damaged
+        }
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -83,9 +139,12 @@ def expand_shards(pattern: str) -> list[str]:
     return files
 
 
-def parse_sources(specs: Sequence[str], num_samples: Sequence[int] | None) -> list[ShardSource]:
+def parse_sources(specs: Sequence[str], num_samples: Sequence[int] | None, log: bool = True) -> list[ShardSource]:
     """Sources from `NAME=PATTERN` entries (a name given twice adds patterns to it; `PATTERN` alone is named
-    `source{i}`), sized by `num_samples` (one per source, in order) or by the shards' `_stats.json` files."""
+    `source{i}`), sized by `num_samples` (one per source, in order) or by the shards' `_stats.json` files.
+
+    Every local shard is checked (`check_shard`); an epoch holds the samples that can be read. A `num_samples` that
+    disagrees with the stats is a warning with both numbers (`log`: write the warnings, on one process)."""
     patterns: dict[str, list[str]] = {}
     for i, spec in enumerate(specs):
         name, separator, pattern = spec.partition("=")
@@ -99,29 +158,162 @@ def parse_sources(specs: Sequence[str], num_samples: Sequence[int] | None) -> li
     sources = []
     for i, (name, source_patterns) in enumerate(patterns.items()):
         files = [file for pattern in source_patterns for file in expand_shards(pattern)]
-        size = num_samples[i] if num_samples else _size_from_stats(name, files)
-        if size < 1:
-            raise ValueError(f"Source {name!r} has {size} samples; it needs at least one.")
-        sources.append(ShardSource(name, files, size))
+        checks = [check_shard(file, _declared_samples(file)) for file in files]
+        declared = None if any(c.declared is None for c in checks) else sum(c.declared for c in checks)
+        source = ShardSource(name, files, 0, declared, [c for c in checks if c.damage is not None])
+        source.num_samples = _epoch_size(source, num_samples[i] if num_samples else None, log)
+        if source.num_samples < 1:
+            raise ValueError(f"Source {name!r} has {source.num_samples} readable samples; it needs at least one.")
+        if log:
+            for check in source.damaged:
+                lost = "an unknown number of" if check.lost_samples is None else check.lost_samples
+                logger.warning(
+                    "Source %r: shard %s is damaged: %s. Its %s readable sample(s) are used and %s sample(s) are "
+                    "lost (of %s declared in its _stats.json).",
+                    name,
+                    check.path,
+                    check.damage,
+                    "?" if check.readable is None else check.readable,
+                    lost,
+                    "?" if check.declared is None else check.declared,
+                )
+        sources.append(source)
     return sources
 
 
-def _size_from_stats(name: str, files: list[str]) -> int:
-    """The number of samples video2dataset / img2dataset report in `{shard}_stats.json` ("successes")."""
-    total = 0
-    for file in files:
-        stats = Path(file).with_name(Path(file).stem + "_stats.json")
-        if "://" in file or not stats.is_file():
+def _epoch_size(source: ShardSource, given: int | None, log: bool) -> int:
+    """The samples of `source` in an epoch: the readable ones by the stats, or `given`, never more than can be
+    read (an epoch is not filled by repeating samples)."""
+    readable = None if source.declared_samples is None else source.declared_samples - source.lost_samples
+    if given is None:
+        if readable is None:
+            missing = next(file for file in source.files if _declared_samples(file) is None)
             raise ValueError(
-                f"Source {name!r}: no {stats.name} beside {file} to count its samples; pass "
+                f"Source {source.name!r}: no _stats.json beside {missing} to count its samples; pass "
                 "--train_num_samples (one number per source)."
             )
-        with open(stats, encoding="utf-8") as handle:
-            count = json.load(handle).get("successes")
-        if not isinstance(count, int):
-            raise ValueError(f"{stats}: expected an integer 'successes' field, got {count!r}.")
-        total += count
-    return total
+        return readable
+    if readable is None or given == readable:
+        return given
+    used = min(given, readable)
+    if log:
+        lost = f", of which {source.lost_samples} are lost in damaged shards" if source.lost_samples else ""
+        logger.warning(
+            "--train_num_samples gives %d samples for source %r, but its shards' _stats.json files declare %d%s: "
+            "an epoch uses %d (%s).",
+            given,
+            source.name,
+            source.declared_samples,
+            lost,
+            used,
+            "no sample is repeated" if given > readable else "the rest of the shards is not read within an epoch",
+        )
+    return used
+
+
+def _stats_path(file: str) -> Path | None:
+    return None if "://" in file else Path(file).with_name(Path(file).stem + "_stats.json")
+
+
+def _declared_samples(file: str) -> int | None:
+    """The number of samples video2dataset / img2dataset report in `{shard}_stats.json` ("successes"); None
+    without a local stats file."""
+    stats = _stats_path(file)
+    if stats is None or not stats.is_file():
+        return None
+    with open(stats, encoding="utf-8") as handle:
+        count = json.load(handle).get("successes")
+    if not isinstance(count, int):
+        raise ValueError(f"{stats}: expected an integer 'successes' field, got {count!r}.")
+    return count
+
+
+# A tar ends with two zero blocks; a shard cut anywhere before them (even exactly between two members) lacks them.
+_TAR_BLOCK = 512
+_END_OF_ARCHIVE = b"\0" * (2 * _TAR_BLOCK)
+
+
+def check_shard(path: str, declared: int | None) -> ShardCheck:
+    """Checks a local shard for damage (remote shards are checked while they are read).
+
+    A shard that ends in an end-of-archive marker is taken at its stats' word (one read of its last kilobyte). One
+    that does not was cut or damaged: its member headers are read (seeking over the data) to find the whole samples
+    before the damage; a sample whose members do not all precede the damage is not readable."""
+    if "://" in path:
+        return ShardCheck(path, declared)
+    size = os.path.getsize(path)
+    if size >= len(_END_OF_ARCHIVE) and size % _TAR_BLOCK == 0:
+        with open(path, "rb") as file:
+            file.seek(size - len(_END_OF_ARCHIVE))
+            if file.read() == _END_OF_ARCHIVE:
+                return ShardCheck(path, declared)
+    readable, damage = _scan_members(path, size)
+    return ShardCheck(path, declared, damage, readable)
+
+
+def _scan_members(path: str, size: int) -> tuple[int, str]:
+    """(whole samples before the damage, what the damage is) of a tar that lacks its end-of-archive marker."""
+    groups: list[tuple[str, set[str]]] = []  # (key, fields) of consecutive samples
+    damage = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, name = _key_and_field(member.name)
+                if not groups or groups[-1][0] != key:
+                    groups.append((key, set()))
+                if member.offset_data + member.size > size:
+                    groups.pop()  # its data is cut
+                    damage = (
+                        f"cut inside member {member.name!r} (its data ends at byte {member.offset_data + member.size},"
+                        f" the file at byte {size})"
+                    )
+                    break
+                groups[-1][1].add(name)
+            end = tar.offset
+    except tarfile.TarError as error:
+        return 0, f"not a readable tar file ({error})"
+    if damage is None:
+        with open(path, "rb") as file:
+            file.seek(end)
+            rest = file.read(len(_END_OF_ARCHIVE))
+        after = f"after sample {groups[-1][0]!r}" if groups else "at its start"
+        if rest and not rest.strip(b"\0"):
+            return len(groups), f"cut inside its end-of-archive marker (byte {size}); no sample is missing"
+        if rest:
+            damage = f"unreadable {after} (byte {end} is not a tar header)"
+        else:
+            damage = f"cut at a member boundary {after} (byte {end}), without an end-of-archive marker"
+        # The last sample before the cut may lack members that came after it (its caption after its video).
+        if len(groups) > 1 and groups[-1][1] != groups[-2][1]:
+            groups.pop()
+    return len(groups), damage
+
+
+def _key_and_field(name: str) -> tuple[str, str]:
+    """WebDataset's split of a member name: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def usable_shortfall(sources: Sequence[ShardSource], minimum: float) -> str | None:
+    """Why the data are unusable (a source whose readable fraction of its declared samples is below `minimum`,
+    with its damaged shards), or None."""
+    problems = []
+    for source in sources:
+        declared = source.declared_samples
+        if not declared or source.lost_samples == 0:
+            continue
+        readable = declared - source.lost_samples
+        if readable < minimum * declared:
+            shards = "; ".join(f"{c.path} ({c.lost_samples} lost: {c.damage})" for c in source.damaged)
+            problems.append(
+                f"source {source.name!r}: only {readable} of its {declared} samples ({readable / declared:.0%}) "
+                f"can be read, below --min_usable_sample_fraction {minimum}; damaged shards: {shards}"
+            )
+    if not problems:
+        return None
+    return "; ".join(problems) + ". Copy or download those shards again (or lower the flag to train on the rest)."
 
 
 def batches_per_epoch(sources: list[ShardSource], global_batch: int, weights: Sequence[float] | None) -> list[int]:
@@ -181,17 +373,17 @@ class ShardStream(IterableDataset):
         batch_size: int,
         decode: Callable[[dict, int], torch.Tensor],
         state: dict | None = None,
+        read_limits: dict[str, int] | None = None,
     ):
         self.files, self.index, self.num_streams = files, index, num_streams
         self.epoch, self.seed, self.buffer_size, self.batch_size = epoch, seed, buffer_size, batch_size
-        self.decode, self.state = decode, state
+        self.decode, self.state, self.read_limits = decode, state, read_limits or {}
 
     def _samples(self):
         # Shard order permuted per epoch (same permutation everywhere), then this stream's share.
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.files))
-        dataset = load_dataset(
-            "webdataset", data_files={"train": [self.files[i] for i in order]}, split="train", streaming=True
-        ).decode(False)
+        shards = [(self.files[i], self.read_limits.get(self.files[i])) for i in order]
+        dataset = StreamingDataset.from_generator(read_shards, gen_kwargs={"shards": shards})
         return split_dataset_by_node(dataset, rank=self.index, world_size=self.num_streams)
 
     def _shuffled(self) -> Iterator[tuple[dict, dict]]:
@@ -247,6 +439,45 @@ class ShardStream(IterableDataset):
         except (VideoDecodeError, UnidentifiedImageError, OSError) as error:  # PIL reports truncated files as OSError
             logger.warning("Skipping %s: %s: %s", where, type(error).__name__, error)
             return None, None
+
+
+def read_shards(shards: list[tuple[str, int | None]]) -> Iterator[dict]:
+    """The samples of each `(shard, limit)` in turn: the first `limit` (None: all) of its samples, each a dict of
+    `__key__`, `__url__`, the captions as text and the other members as `{"bytes": ...}`, keyed by extension.
+
+    A shard that turns out damaged while it is read ends there, with a warning naming it; the sample being read
+    when the damage was met is dropped."""
+    for path, limit in shards:
+        yield from _shard_samples(path, limit)
+
+
+def _shard_samples(path: str, limit: int | None) -> Iterator[dict]:
+    count, sample = 0, {}
+    try:
+        with fsspec.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, name = _key_and_field(member.name)
+                if sample and sample["__key__"] != key:
+                    if count == limit:
+                        return
+                    yield sample
+                    count, sample = count + 1, {}
+                sample.setdefault("__key__", key)
+                sample["__url__"] = path
+                data = tar.extractfile(member).read()
+                sample[name] = data.decode("utf-8", "replace") if name in CAPTION_FIELDS else {"bytes": data}
+            if sample and count != limit:
+                yield sample
+    except (tarfile.TarError, OSError, EOFError) as error:
+        logger.warning(
+            "Shard %s is damaged after %d sample(s) (%s: %s): the rest of it is skipped.",
+            path,
+            count,
+            type(error).__name__,
+            error,
+        )
 
 
 def _batch(pixels, captions, keys, corrupt, state) -> dict:
@@ -319,6 +550,7 @@ class MixedStreamLoader:
         self.tokenize, self.device, self.record = tokenize, device, record
         self.samples_seen = {source.name: 0 for source in sources}
         self.corrupt = {source.name: 0 for source in sources}
+        self._ran_dry: set[tuple[int, str]] = set()  # (epoch, source) already reported
         self._reset(epoch=0)
 
     def __len__(self) -> int:
@@ -380,6 +612,17 @@ class MixedStreamLoader:
                 "input_ids": text["input_ids"].to(self.device),
                 "attention_mask": text["attention_mask"].to(self.device),
             }
+        if (self.epoch, name) not in self._ran_dry:
+            self._ran_dry.add((self.epoch, name))
+            logger.warning(
+                "Source %r: process %d has read all its shards at batch %d of epoch %d, before the planned end of "
+                "the epoch (its shards hold fewer samples than declared); its remaining steps are skipped, no sample "
+                "is repeated.",
+                name,
+                self.process_index,
+                self.position,
+                self.epoch,
+            )
         return None
 
     def _iterator(self, source: int, stream: int) -> Iterator[dict]:
@@ -391,6 +634,7 @@ class MixedStreamLoader:
                 num_streams=self.num_processes * self.streams_per_process,
                 epoch=self.epoch,
                 state=self.streams[source]["states"][stream],
+                read_limits=self.sources[source].read_limits,
             )
             self._iterators[key] = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
         return self._iterators[key]
@@ -418,6 +662,7 @@ class MixedStreamLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        check_same_process_count(state["num_processes"], self.num_processes, "The checkpoint's data position")
         saved = (state["num_processes"], state["streams_per_process"])
         if saved != (self.num_processes, self.streams_per_process):
             raise ValueError(
@@ -432,7 +677,8 @@ class MixedStreamLoader:
         self.samples_seen, self.corrupt = local["samples_seen"], local["corrupt"]
 
     def totals(self) -> dict[str, dict[str, int]]:
-        """Samples seen and corrupt samples per source, summed over processes (every process must call this)."""
+        """Samples seen and corrupt samples per source, summed over processes (every process must call this), and
+        the samples lost in damaged shards with each damaged shard."""
         local = torch.tensor(
             [[self.samples_seen[s.name], self.corrupt[s.name]] for s in self.sources],
             dtype=torch.long,
@@ -441,7 +687,12 @@ class MixedStreamLoader:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(local)
         return {
-            source.name: {"samples_seen": int(seen), "corrupt_samples": int(bad)}
+            source.name: {
+                "samples_seen": int(seen),
+                "corrupt_samples": int(bad),
+                "lost_samples": source.lost_samples,
+                "damaged_shards": source.damage_report(),
+            }
             for source, (seen, bad) in zip(self.sources, local.tolist())
         }
 
@@ -479,23 +730,44 @@ def write_synthetic_shards(
         article = "an" if video.colour[0] in "aeiou" else "a"
         image_samples.append((f"image{i}", {"png": png.getvalue(), "txt": f"{article} {video.colour} {video.shape}"}))
     return {
-        "videos": _write_shards(root / "videos", video_samples, samples_per_shard),
-        "images": _write_shards(root / "images", image_samples, samples_per_shard),
+        "videos": write_shards(root / "videos", video_samples, samples_per_shard),
+        "images": write_shards(root / "images", image_samples, samples_per_shard),
     }
 
 
-def _write_shards(folder: Path, samples: list[tuple[str, dict]], samples_per_shard: int) -> str:
+def write_shards(folder: Path, samples: list[tuple[str, dict]], samples_per_shard: int) -> str:
+    """Writes `(key, {extension: bytes or text})` samples into shards as video2dataset writes them: `{i:05d}.tar`
+    (each sample's members in sorted order, with a `{key}.json` of its metadata), `{i:05d}_stats.json` and
+    `{i:05d}.parquet` (one row per sample). Returns the brace pattern of the shards."""
     folder.mkdir(parents=True, exist_ok=True)
     num_shards = -(-len(samples) // samples_per_shard)
     for shard in range(num_shards):
         part = samples[shard * samples_per_shard : (shard + 1) * samples_per_shard]
+        started, rows = time.time(), []
         with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
             for key, fields in part:
-                for extension, value in fields.items():
+                caption = next((fields[name] for name in CAPTION_FIELDS if name in fields), None)
+                row = {"url": f"synthetic://{key}", "caption": caption, "key": key, "status": "success"}
+                rows.append({**row, "error_message": None})
+                members = {**fields, "json": json.dumps({**row, "error_message": None})}
+                for extension in sorted(members):
+                    value = members[extension]
                     data = value.encode("utf-8") if isinstance(value, str) else value
                     info = tarfile.TarInfo(f"{key}.{extension}")
-                    info.size = len(data)
+                    info.size, info.mode, info.mtime = len(data), 0o444, started
+                    info.uname = info.gname = "bigdata"
                     tar.addfile(info, io.BytesIO(data))
-        stats = {"count": len(part), "successes": len(part), "failed_to_download": 0}
-        (folder / f"{shard:05d}_stats.json").write_text(json.dumps(stats) + "\n", encoding="utf-8")
+        stats = {
+            "count": len(part),
+            "successes": len(part),
+            "failed_to_download": 0,
+            "failed_to_subsample": 0,
+            "duration": time.time() - started,
+            "bytes_downloaded": sum(len(v) for _, fields in part for v in fields.values() if isinstance(v, bytes)),
+            "start_time": started,
+            "end_time": time.time(),
+            "status_dict": {"success": len(part)},
+        }
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps(stats, indent=4), encoding="utf-8")
+        pyarrow_parquet.write_table(pyarrow.Table.from_pylist(rows), folder / f"{shard:05d}.parquet")
     return str(folder / f"{{00000..{num_shards - 1:05d}}}.tar")

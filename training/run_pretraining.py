@@ -19,7 +19,8 @@ The authors' WebVid-10M recipes are `training/configs/{stan,mugstan}_webvid10m_b
         --train_shards "webvid=s3://bucket/webvid/{00000..10727}.tar" --train_num_samples 10727000 \\
         --video_dir MSRVTT/videos/all --annotation_file MSRVTT_JSFUSION_test.csv
 
-`all_results.json` reports, besides the metrics, the samples seen and the corrupt samples skipped per source.
+`all_results.json` reports, besides the metrics, the samples seen and the corrupt samples skipped per source, and the
+samples lost in damaged shards (cut or unreadable; see `pretraining_data.check_shard`) per source and per shard.
 """
 
 import functools
@@ -33,6 +34,7 @@ from pretraining_data import (
     ShardStream,
     batches_per_epoch,
     parse_sources,
+    usable_shortfall,
     write_synthetic_shards,
 )
 from run_retrieval import DEMO_DEFAULTS, RECIPE_DEFAULTS, RetrievalArguments, RetrievalScript, load_split
@@ -40,6 +42,7 @@ from stan_arguments import DataArguments, ModelArguments, ScriptCommandLine, Tra
 from stan_training import (
     SYNTHETIC_DATASET_NAME,
     TrainingLoop,
+    UnusableTrainingDataError,
     build_optimizer,
     build_scheduler,
     prepare_once,
@@ -134,7 +137,12 @@ class PretrainingScript(RetrievalScript):
         if not task_args.train_shards:
             raise ValueError("No training data: pass --train_shards NAME=PATTERN ...")
         # Expanded and sized before the model is built, so that a wrong pattern fails at once.
-        self.sources = parse_sources(task_args.train_shards, task_args.train_num_samples)
+        self.sources = parse_sources(
+            task_args.train_shards, task_args.train_num_samples, log=accelerator.is_main_process
+        )
+        shortfall = usable_shortfall(self.sources, training_args.min_usable_sample_fraction)
+        if shortfall is not None:
+            raise UnusableTrainingDataError(shortfall)
         sources = ", ".join(source.name for source in self.sources)
         return f"{sources} (WebDataset shards; zero-shot evaluation on {dataset_name})", splits
 
@@ -228,7 +236,13 @@ class PretrainingScript(RetrievalScript):
         return record
 
     def training_summary(self, loop, best_step, runtime):
-        return {**training_summary(loop, best_step, runtime), "sources": self.train_loader.totals()}
+        damaged = {path: report for source in self.sources for path, report in source.damage_report().items()}
+        return {
+            **training_summary(loop, best_step, runtime),
+            "lost_samples": sum(source.lost_samples for source in self.sources),
+            "damaged_shards": damaged,
+            "sources": self.train_loader.totals(),
+        }
 
 
 main = PretrainingScript().main

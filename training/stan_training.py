@@ -37,7 +37,7 @@ from stan_arguments import (
     TrainingArguments,
     arguments_dict,
 )
-from stan_checkpointing import CheckpointManager, RerunError, Resumption, choose_checkpoint
+from stan_checkpointing import CheckpointManager, CheckpointWriteError, RerunError, Resumption, choose_checkpoint
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -1171,7 +1171,7 @@ class TrainingScript:
         """`main()` for `python script.py`: a run that cannot do its job ends with its reason, not a traceback."""
         try:
             self.main()
-        except (TrainingRunError, RerunError) as error:
+        except (TrainingRunError, RerunError, CheckpointWriteError) as error:
             logger.error(f"{type(error).__name__}: {error}")
             sys.exit(1)
 
@@ -1352,6 +1352,11 @@ def run_summary(results: dict, output_dir: Path, metrics: Sequence[str], best_me
     rows += [(f"test {name}", f"{test[name]:.2f}") for name in metrics if name in test]
     rows += [
         ("corrupt training samples", f"{train['corrupt_samples']} of {train['samples']}"),
+        *(
+            [("lost training samples", f"{train['lost_samples']} in damaged shards {sorted(train['damaged_shards'])}")]
+            if train.get("lost_samples")
+            else []
+        ),
         ("skipped steps", f"{train['skipped_steps']} (no usable sample), {train['nonfinite_steps']} (non-finite)"),
         ("runtime", f"{train['runtime_seconds']:.0f} s"),
         ("model and processor", str(output_dir)),

@@ -107,11 +107,12 @@ def unique_video_rows(dataset: Dataset) -> list[int]:
 
 
 def _read_text(path: str | os.PathLike) -> str:
-    """The file's text; a byte sequence that is not UTF-8 is an `AnnotationError` naming its line."""
+    """The file's text, without a leading byte-order mark (spreadsheet exports write one; it would otherwise stick
+    to the first column's name); a byte sequence that is not UTF-8 is an `AnnotationError` naming its line."""
     with open(path, "rb") as file:
         data = file.read()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         raise AnnotationError(
@@ -228,6 +229,12 @@ def _check_inside(records: list[_Record], video_dir: str, annotation_files: Sequ
             )
 
 
+def _extensions_of(paths: Sequence[str]) -> str:
+    """The file extensions looked for, as a message says them: "extension .mp4" or "extensions .avi, .mp4"."""
+    extensions = sorted({Path(path).suffix or "(none)" for path in paths})
+    return f"extension{'s' if len(extensions) > 1 else ''} {', '.join(extensions)}"
+
+
 def _drop_missing(records: list[_Record]) -> tuple[list[_Record], list[str]]:
     """The records whose video file exists, and the distinct missing paths in order of first appearance."""
     exists: dict[str, bool] = {}
@@ -247,13 +254,21 @@ def _assemble(
     """The dataset of the records whose video exists, with its `BuildReport`; `features` picks the schema."""
     _check_inside(records, video_dir, annotation_files)
     kept, missing = _drop_missing(records)
+    if records and not kept:
+        raise FileNotFoundError(
+            f"{format_name}: no video found for any annotation of {', '.join(map(str, annotation_files))}: looked "
+            f"for {_extensions_of(missing)} under {video_dir} (first: {missing[0]}). Check --video_dir, or pass "
+            "--video_ext with the extension the videos have."
+        )
     if missing:
         logger.warning(
-            "%s: %d video(s) listed in %s are missing under %s; their %d row(s) were dropped. First missing: %s",
+            "%s: %d video(s) listed in %s are missing under %s (looked for %s); their %d row(s) were dropped. "
+            "First missing: %s",
             format_name,
             len(missing),
             ", ".join(map(str, annotation_files)),
             video_dir,
+            _extensions_of(missing),
             len(records) - len(kept),
             ", ".join(missing[:_MISSING_EXAMPLES]),
         )
@@ -707,6 +722,11 @@ def load_video_folder(
         for name in sorted(os.listdir(os.path.join(video_root, class_name)))
         if name.lower().endswith(suffixes)
     ]
+    if not records:
+        raise FileNotFoundError(
+            f"video_folder: no video found in the class folders of {video_root}: looked for extensions "
+            f"{', '.join(suffixes)}."
+        )
     return _classification_dataset("video_folder", [], video_root, records, class_names)
 
 
