@@ -204,9 +204,11 @@ def synthetic_dataset_root(
     return root
 
 
-def make_processor(model: nn.Module, model_path: str, num_frames: int) -> StanProcessor:
+def make_processor(model: nn.Module, model_path: str, num_frames: int, **video_options) -> StanProcessor:
     """The processor saved with the model: the checkpoint's tokenizer and a video processor for its input size."""
-    video_processor = StanVideoProcessor.for_image_size(model.config.vision_config.image_size, num_frames)
+    video_processor = StanVideoProcessor.for_image_size(
+        model.config.vision_config.image_size, num_frames, **video_options
+    )
     return StanProcessor(video_processor=video_processor, tokenizer=AutoTokenizer.from_pretrained(model_path))
 
 
@@ -1064,7 +1066,7 @@ class TrainingScript:
             num_frames=data_args.num_frames,
             **self.model_config_fields(task_args, splits),
         )
-        processor = make_processor(model, model_path, data_args.num_frames)
+        processor = make_processor(model, model_path, data_args.num_frames, **data_args.processor_options())
         self.prepare_model(model, task_args, processor)
         if not training_args.do_train:
             return self.evaluate_only(accelerator, model, processor, splits, data_args, task_args, training_args)
@@ -1074,7 +1076,7 @@ class TrainingScript:
         accelerator.init_trackers(f"stan-{self.card_task}", config=_tracker_config(arguments_dict(*arguments)))
 
         progress = loop.train(resumption.checkpoint)
-        best_step = loop.load_best_weights()
+        best_step = loop.load_best_weights() if training_args.final_checkpoint == "best" else progress.step
         results = {
             "validation": next((m for m in progress.validation_history if m["step"] == best_step), {}),
             "test": loop.task.evaluate(loop.model, "test"),
@@ -1210,7 +1212,7 @@ class TrainingScript:
         task = self.make_task(
             accelerator, task_args, training_args, splits, dict(zip(EVAL_SPLITS, eval_loaders)), processor
         )
-        scheduler = build_scheduler(optimizer, training_args, total_training_steps(train_loader, training_args))
+        scheduler = build_scheduler(optimizer, training_args, train_loader)
         return TrainingLoop(
             accelerator, training_args, task, model, optimizer, scheduler, train_loader, train_sampler, checkpoints
         )
