@@ -10,13 +10,16 @@ import sys
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from conftest import REPO_ROOT, tiny_stan_config
+from safetensors.torch import load_file
 
 
 sys.path.insert(0, str(REPO_ROOT / "training"))
 from optimization import build_scheduler, parameter_groups, total_training_steps  # noqa: E402
 from run_classification import COMMAND_LINE as CLASSIFICATION  # noqa: E402
 from run_pretraining import PretrainingScript  # noqa: E402
+from run_retrieval import main as run_retrieval_main  # noqa: E402
 
 from modeling_stan import StanForVideoClassification, StanForVideoTextRetrieval  # noqa: E402
 from modeling_stan.tuning.prompts import set_trainable_parts  # noqa: E402
@@ -162,3 +165,19 @@ def test_vifi_train_and_test_frames_share_one_aspect_handling(size):
     for _ in range(200):
         _, _, box_h, box_w = _multi_scale_crop_box(resized, (1, 0.875, 0.75, 0.66), (224, 224), generator)
         assert 192 / 224 <= box_w / box_h <= 224 / 192  # the widest pair one scale apart
+
+
+def test_final_checkpoint_last_exports_and_tests_the_last_step(tmp_path):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    # Validation and a checkpoint at every step; the selection metric (corrupt validation videos, 0 at every step,
+    # a tie never improves) makes step 1 the best, not the last.
+    flags = "--synthetic_num_train 8 --synthetic_num_val 4 --synthetic_num_test 4 --seed 1 --max_steps 2"
+    flags += " --eval_strategy steps --eval_steps 1 --save_strategy steps --save_steps 1 --save_total_limit 3"
+    flags += " --metric_for_best_model corrupt_videos --per_device_train_batch_size 4 --final_checkpoint last"
+    run_retrieval_main([*flags.split(), "--output_dir", str(tmp_path)])
+    exported = load_file(tmp_path / "model.safetensors")
+    last = load_file(tmp_path / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    best = load_file(tmp_path / "checkpoints" / "checkpoint-1" / "model.safetensors")
+    assert all(torch.equal(exported[name], last[name]) for name in last)
+    assert not all(torch.equal(exported[name], best[name]) for name in best)
