@@ -15,14 +15,19 @@ from transformers import get_scheduler
 
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "lr_curves.json"
-# The recipes' former warm-up ratios (WARMUP_EPOCHS 5 of EPOCHS; the pre-training's 0.5 of 4 epochs).
-FORMER_WARMUP_RATIO = {
-    "k400": 5 / 30,
-    "zero_shot": 5 / 10,
-    "base2novel": 5 / 11,
-    "few_shot": 5 / 50,
-    "pretrain": 0.125,
-}
+# The recipes' former warm-up ratios, by the first name part that matches (ViFi-CLIP: WARMUP_EPOCHS 5 of EPOCHS;
+# STAN: the LinearLR epochs of the run).
+FORMER_WARMUP_RATIO = (
+    ("zero_shot", 5 / 10),
+    ("base2novel", 5 / 11),
+    ("few_shot", 5 / 50),
+    ("vifi_k400", 5 / 30),
+    ("pretrain", 0.125),
+    ("mugstan_msrvtt", 0.1),
+    ("stan_msrvtt", 1.0),
+    ("lsmdc", 0.1),
+    ("didemo", 0.2),
+)
 
 
 def transformers_cosine(learning_rate: float, steps: int, warmup_ratio: float) -> list[float]:
@@ -40,11 +45,9 @@ def main() -> None:
     print("| recipe | batches per epoch | steps | mean LR, transformers cosine / authors' | authors' last LR / LR |")
     print("|---|---|---|---|---|")
     for case in json.loads(FIXTURE.read_text())["cases"]:
-        kind = next(
-            key for key in ("zero_shot", "base2novel", "few_shot", "pretrain", "k400") if key in case["recipe"]
-        )
+        ratio = next(ratio for part, ratio in FORMER_WARMUP_RATIO if part in case["recipe"])
         theirs = case["lrs"]
-        ours = transformers_cosine(case["learning_rate"], len(theirs), FORMER_WARMUP_RATIO[kind])
+        ours = transformers_cosine(case["learning_rate"], len(theirs), ratio)
         print(
             f"| {case['recipe']} | {case['batches_per_epoch']} | {len(theirs)} | {sum(ours) / sum(theirs):.3f} "
             f"| {theirs[-1] / case['learning_rate']:.4f} |"
