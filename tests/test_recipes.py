@@ -91,6 +91,12 @@ def test_scheduler_resumes_from_its_state():
     assert resumed.get_last_lr() == scheduler.get_last_lr()
 
 
+def test_the_authors_schedulers_need_warmup_epochs_before_anything_runs(capsys):
+    with pytest.raises(SystemExit):
+        CLASSIFICATION.parse(["--lr_scheduler_type", "timm_cosine"])
+    assert "set --warmup_epochs" in capsys.readouterr().err
+
+
 def _groups(model, **kwargs) -> dict[str, float]:
     groups = parameter_groups(model, learning_rate=1.0, weight_decay=0.5, stan_lr_multiplier=10.0, **kwargs)
     names = {id(parameter): name for name, parameter in model.named_parameters()}

@@ -141,8 +141,6 @@ def lr_factor_function(args: TrainingArguments, batches_per_epoch: int):
 
     `batches_per_epoch` is the length of the per-process training loader (micro-batches).
     """
-    if args.warmup_epochs is None:
-        raise ValueError(f"--lr_scheduler_type {args.lr_scheduler_type} needs --warmup_epochs (0 for none).")
     cosine_epochs = args.lr_cosine_epochs
     if args.lr_scheduler_type == "timm_cosine":
         return functools.partial(

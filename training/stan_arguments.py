@@ -294,6 +294,10 @@ class TrainingArguments:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.lr_scheduler_type in ("timm_cosine", "mmengine_linear_cosine") and self.warmup_epochs is None:
+            raise ValueError(
+                f"--lr_scheduler_type {self.lr_scheduler_type} counts warm-up in epochs: set --warmup_epochs."
+            )
         if not 0.0 <= self.lr_warmup_start_factor <= 1.0 or not 0.0 <= self.lr_min_ratio <= 1.0:
             raise ValueError(
                 f"--lr_warmup_start_factor and --lr_min_ratio are fractions of the learning rate in [0, 1], got "
