@@ -97,6 +97,17 @@ def test_the_authors_schedulers_need_warmup_epochs_before_anything_runs(capsys):
     assert "set --warmup_epochs" in capsys.readouterr().err
 
 
+def test_a_warm_up_over_the_whole_run_holds_the_full_rate_after_it():
+    *_, training_args = recipe_arguments("stan_msrvtt_b32.yaml")
+    training_args.lr_cosine_epochs = None  # no cosine phase: its period would be 0 epochs
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, training_args, range(3))
+    for _ in range(total_training_steps(range(3), training_args) + 2):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr() == [1.0]
+
+
 def _groups(model, **kwargs) -> dict[str, float]:
     groups = parameter_groups(model, learning_rate=1.0, weight_decay=0.5, stan_lr_multiplier=10.0, **kwargs)
     names = {id(parameter): name for name, parameter in model.named_parameters()}

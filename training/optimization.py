@@ -212,4 +212,5 @@ def mmengine_linear_cosine_factor(
     if step < warmup_end:
         return start_factor + (1.0 - start_factor) * step / (warmup_end - 1)
     k = min(step, max(cosine_end - 1, warmup_end)) - warmup_end
-    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * k / cosine_period))
+    cosine = math.cos(math.pi * k / cosine_period) if k else 1.0  # k = 0 also when no cosine phase follows
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + cosine)
