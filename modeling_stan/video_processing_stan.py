@@ -64,6 +64,11 @@ class StanVideoProcessorKwargs(VideosKwargs, total=False):
         Range of the crop's area as a fraction of the frame's.
     random_resized_crop_ratio (`tuple[float, float]`, *optional*, defaults to `(3/4, 4/3)`):
         Range of the crop's width / height.
+    multi_scale_crop_scales (`tuple[float, ...]`, *optional*):
+        When given, training mode crops as ViFi-CLIP does instead (mmaction `MultiScaleCrop`, `random_crop=False`):
+        after the test-time resize, a box whose sides are these fractions of the short side (at most one scale
+        apart, snapped to `crop_size` within 3 pixels) at one of 5 fixed positions (corners, centre), resized to
+        `crop_size`.
     generator (`torch.Generator`, *optional*):
         Randomness of training mode (frame positions and crops); torch's global generator when not given.
     """
@@ -76,6 +81,7 @@ class StanVideoProcessorKwargs(VideosKwargs, total=False):
     do_random_resized_crop: bool | None
     random_resized_crop_scale: list[int | float] | tuple[int | float, ...] | None
     random_resized_crop_ratio: list[int | float] | tuple[int | float, ...] | None
+    multi_scale_crop_scales: list[int | float] | tuple[int | float, ...] | None
     generator: torch.Generator | None
 
 
@@ -147,6 +153,7 @@ class StanVideoProcessor(VideoProcessorMixin):
     do_random_resized_crop = True
     random_resized_crop_scale = (0.08, 1.0)
     random_resized_crop_ratio = (3 / 4, 4 / 3)
+    multi_scale_crop_scales = None
 
     def __init__(self, **kwargs: Unpack[StanVideoProcessorKwargs]):
         super().__init__(**kwargs)
@@ -154,23 +161,29 @@ class StanVideoProcessor(VideoProcessorMixin):
         self._check_options({name: getattr(self, name, None) for name in self.valid_kwargs.__annotations__})
 
     @classmethod
-    def for_image_size(cls, image_size: int, num_frames: int = 8, **kwargs) -> "StanVideoProcessor":
-        """A processor for a vision tower of input size `image_size`: short side and square crop of that size."""
+    def for_image_size(
+        cls, image_size: int, num_frames: int = 8, short_side: int | None = None, **kwargs
+    ) -> "StanVideoProcessor":
+        """A processor for a vision tower of input size `image_size`: a square crop of that size from frames
+        resized to short side `short_side` (default `image_size`)."""
         return cls(
-            size={"shortest_edge": image_size},
+            size={"shortest_edge": short_side or image_size},
             crop_size={"height": image_size, "width": image_size},
             num_frames=num_frames,
             **kwargs,
         )
 
-    def _standardize_kwargs(self, random_resized_crop_scale=None, random_resized_crop_ratio=None, **kwargs) -> dict:
+    def _standardize_kwargs(
+        self, random_resized_crop_scale=None, random_resized_crop_ratio=None, multi_scale_crop_scales=None, **kwargs
+    ) -> dict:
         kwargs = super()._standardize_kwargs(**kwargs)
         # JSON turns tuples into lists: one form keeps saved and loaded processors equal.
-        for name, low_high in (
+        for name, values in (
             ("random_resized_crop_scale", random_resized_crop_scale),
             ("random_resized_crop_ratio", random_resized_crop_ratio),
+            ("multi_scale_crop_scales", multi_scale_crop_scales),
         ):
-            kwargs[name] = None if low_high is None else tuple(low_high)
+            kwargs[name] = None if values is None else tuple(values)
         return kwargs
 
     def preprocess(self, videos: VideoInput, **kwargs: Unpack[StanVideoProcessorKwargs]) -> BatchFeature:
@@ -235,6 +248,9 @@ class StanVideoProcessor(VideoProcessorMixin):
             low_high = options[name]
             if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
                 raise ValueError(f"{name} must be two numbers 0 < low <= high, got {low_high!r}.")
+        scales = options["multi_scale_crop_scales"]
+        if scales is not None and (not scales or not all(_is_finite_number(x) and 0 < x <= 1 for x in scales)):
+            raise ValueError(f"multi_scale_crop_scales must be numbers in (0, 1], got {scales!r}.")
 
     def _load_clips(self, video, options: dict, position: int):
         """The clips of one video as a `(num_clips, T, C, H, W)` tensor, and its metadata (None for frames).
@@ -267,7 +283,7 @@ class StanVideoProcessor(VideoProcessorMixin):
     def _decode_time_resize(options: dict):
         """The test-time resize as a per-frame `decode_video` transform; None where frames must stay whole (training
         crops a random box of the full frame first) or are not resized."""
-        if not options["do_resize"] or (options["train"] and options["do_random_resized_crop"]):
+        if not options["do_resize"] or _train_crop(options) == "random_resized":
             return None
         size, mode = options["size"], _interpolation_mode(options["resample"])
 
@@ -280,7 +296,18 @@ class StanVideoProcessor(VideoProcessorMixin):
     def _spatial_views(self, clips: torch.Tensor, options: dict) -> torch.Tensor:
         """`(num_clips, T, C, H, W)` -> `(num_clips * num_views, T, C, h, w)` float32: resized and cropped views."""
         mode = _interpolation_mode(options["resample"])
-        if options["train"] and options["do_random_resized_crop"]:
+        if _train_crop(options) == "multi_scale":
+            crop_size = (options["crop_size"].height, options["crop_size"].width)
+            if options["do_resize"]:
+                clips = _resize(clips, _resized_shape(clips.shape[-2:], options["size"]), mode)
+            views = []
+            for clip in clips:
+                top, left, height, width = _multi_scale_crop_box(
+                    clip.shape[-2:], options["multi_scale_crop_scales"], crop_size, options["generator"]
+                )
+                views.append(_resize(clip[..., top : top + height, left : left + width], crop_size, mode))
+            return torch.stack(views)
+        if _train_crop(options) == "random_resized":
             crop_size = (options["crop_size"].height, options["crop_size"].width)
             scale, ratio = options["random_resized_crop_scale"], options["random_resized_crop_ratio"]
             generator, views = options["generator"], []
@@ -307,6 +334,15 @@ class StanVideoProcessor(VideoProcessorMixin):
             std = _channel_values("image_std", options["image_std"]).to(pixels).view(3, 1, 1)
             pixels = (pixels - mean) / std
         return pixels.contiguous()
+
+
+def _train_crop(options: dict) -> str | None:
+    """The training crop: "multi_scale" (ViFi-CLIP's), "random_resized", or None (the test-time crop)."""
+    if not options["train"]:
+        return None
+    if options["multi_scale_crop_scales"]:
+        return "multi_scale"
+    return "random_resized" if options["do_random_resized_crop"] else None
 
 
 def _is_source(video) -> bool:
@@ -536,6 +572,22 @@ def _crop_boxes(shape, crop_size, num_crops: int) -> list[tuple[int, int]]:
     if width >= height:
         return [(top, 0), (top, left), (top, width - crop_width)]
     return [(0, left), (top, left), (height - crop_height, left)]
+
+
+def _multi_scale_crop_box(shape, scales, crop_size, generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of ViFi-CLIP's training crop (mmaction `MultiScaleCrop`, `max_wh_scale_gap=1`,
+    `random_crop=False`, 5 fixed crops): sides from `scales` of the short side, at most one scale apart, each snapped
+    to `crop_size` within 3 pixels, at a corner or the centre of a grid of quarter steps."""
+    height, width = shape
+    sides = [int(min(height, width) * scale) for scale in scales]
+    pairs = [(h, w) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
+    box_height, box_width = pairs[int(torch.randint(len(pairs), (), generator=generator))]
+    box_height = crop_size[0] if abs(box_height - crop_size[0]) < 3 else box_height
+    box_width = crop_size[1] if abs(box_width - crop_size[1]) < 3 else box_width
+    step_y, step_x = (height - box_height) // 4, (width - box_width) // 4
+    positions = [(0, 0), (0, 4 * step_x), (4 * step_y, 0), (4 * step_y, 4 * step_x), (2 * step_y, 2 * step_x)]
+    top, left = positions[int(torch.randint(len(positions), (), generator=generator))]
+    return top, left, box_height, box_width
 
 
 def _random_resized_crop_box(shape, scale, ratio, generator) -> tuple[int, int, int, int]:

@@ -15,7 +15,6 @@ from video_augmentation import (  # noqa: E402
     color_jitter,
     cutmix,
     grayscale,
-    multi_scale_crop,
     on_chosen_clips,
     soft_targets,
 )
@@ -44,14 +43,6 @@ def test_colour_jitter_keeps_range_and_changes_frames_independently():
     assert not torch.allclose(jittered[0], jittered[1])  # drawn per frame
 
 
-def test_multi_scale_crop_is_one_box_for_the_whole_clip():
-    torch.manual_seed(0)
-    clip = torch.rand(1, 3, 16, 16).expand(3, -1, -1, -1)
-    out = multi_scale_crop(clip, [1.0, 0.75, 0.5])
-    assert out.shape == clip.shape
-    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
-
-
 def test_cutmix_label_weight_is_the_kept_area():
     images, partners = torch.zeros(2, 1, 3, 10, 10), torch.ones(2, 1, 3, 10, 10)
     torch.manual_seed(3)
@@ -70,7 +61,7 @@ def test_soft_targets_and_blending_keep_distributions():
 
 
 def test_clip_augmentations_keep_shape_and_normalisation():
-    args = AugmentationArguments(multi_scale_crop=[1.0, 0.875], flip=0.5, color_jitter=0.8, grayscale=0.2)
+    args = AugmentationArguments(flip=0.5, color_jitter=0.8, grayscale=0.2)
     pixels = (torch.rand(3, 2, 3, 8, 8) - 0.5) / 0.25
     for mean, std in (([0.5] * 3, [0.25] * 3), (0.5, 0.25)):  # per channel, or one value for all
         out = VideoAugmentation(args, mean, std).clips(pixels)
@@ -100,7 +91,7 @@ def test_a_clip_transform_sees_and_draws_for_the_chosen_clips_only():
 
 
 def test_clip_augmentations_are_seeded():
-    args = AugmentationArguments(multi_scale_crop=[1.0, 0.875], flip=0.5, color_jitter=0.8, grayscale=0.2)
+    args = AugmentationArguments(flip=0.5, color_jitter=0.8, grayscale=0.2)
     augmentation = VideoAugmentation(args, [0.5] * 3, [0.25] * 3)
     pixels = (torch.rand(6, 2, 3, 8, 8) - 0.5) / 0.25
     torch.manual_seed(1)

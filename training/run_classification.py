@@ -35,6 +35,10 @@ class ClassificationArguments(AugmentationArguments):
     trainable_parts: Literal["all", "text", "vision", "prompts"] = field(
         default="all", metadata={"help": "What trains (ViFi-CLIP's variants)."}
     )
+    train_token_embedding: bool = field(
+        default=True,
+        metadata={"help": "Train the text tower's token-embedding table (ViFi-CLIP's text encoder has none: False)."},
+    )
     vision_prompt_depth: int = field(default=0, metadata={"help": "ViFi-CLIP vision prompt depth (0: none)."})
     vision_prompt_length: int = field(default=16, metadata={"help": "Vision prompt tokens per layer."})
     text_prompt_depth: int = field(default=0, metadata={"help": "ViFi-CLIP text prompt depth (0: none)."})
@@ -368,7 +372,7 @@ class ClassificationScript(TrainingScript):
         elif model.config.classifier_type != "linear" and _loaded_from_dual_encoder(model):
             # Its class embeddings come from the dual encoder's text tower, which the classifier does not keep.
             model.init_class_embeddings(StanModel.from_pretrained(model.config._name_or_path), processor.tokenizer)
-        set_trainable_parts(model, task_args.trainable_parts)
+        set_trainable_parts(model, task_args.trainable_parts, task_args.train_token_embedding)
 
     def training_collate(self, processor, task_args):
         return collate_labelled_clips

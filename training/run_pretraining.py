@@ -46,7 +46,6 @@ from stan_training import (
     build_optimizer,
     build_scheduler,
     prepare_once,
-    total_training_steps,
     training_summary,
 )
 
@@ -216,7 +215,7 @@ class PretrainingScript(RetrievalScript):
         task = self.make_task(
             accelerator, task_args, training_args, splits, dict(zip(eval_splits, eval_loaders)), processor
         )
-        scheduler = build_scheduler(optimizer, training_args, total_training_steps(loader, training_args))
+        scheduler = build_scheduler(optimizer, training_args, loader)
         return StreamingTrainingLoop(
             accelerator, training_args, task, model, optimizer, scheduler, loader, loader, checkpoints
         )

@@ -86,9 +86,46 @@ class DataArguments:
     random_resized_crop_scale: list[float] = field(
         default_factory=lambda: [0.08, 1.0], metadata={"help": "Area range of the training random resized crop."}
     )
+    multi_scale_crop: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "Training crop of ViFi-CLIP instead of the random resized crop: box sides as these fractions "
+            "of the resized short side (theirs: 1 .875 .75 .66), at 5 fixed positions, resized to the input size."
+        },
+    )
+    resize_short_side: int | None = field(
+        default=None,
+        metadata={"help": "Short side the frames are resized to before the crop (ViFi-CLIP: 256). Unset: the crop's."},
+    )
+    image_normalization: Literal["clip", "imagenet"] = field(
+        default="clip", metadata={"help": "Mean and std of the pixels: CLIP's, or ImageNet's (ViFi-CLIP's)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many rows per eval split."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Decoding worker processes per process."})
+
+    def __post_init__(self):
+        if any(not 0.0 < scale <= 1.0 for scale in self.multi_scale_crop):
+            raise ValueError(f"--multi_scale_crop scales must be in (0, 1], got {self.multi_scale_crop}.")
+        if self.image_normalization not in ("clip", "imagenet"):
+            raise ValueError(f"--image_normalization must be 'clip' or 'imagenet', got {self.image_normalization!r}.")
+
+    def processor_options(self) -> dict:
+        """The `StanVideoProcessor.for_image_size` options these arguments set (saved with the model)."""
+        from transformers.image_utils import (
+            IMAGENET_DEFAULT_MEAN,
+            IMAGENET_DEFAULT_STD,
+            OPENAI_CLIP_MEAN,
+            OPENAI_CLIP_STD,
+        )
+
+        imagenet = self.image_normalization == "imagenet"
+        return {
+            "short_side": self.resize_short_side,
+            "multi_scale_crop_scales": tuple(self.multi_scale_crop) or None,
+            "image_mean": list(IMAGENET_DEFAULT_MEAN if imagenet else OPENAI_CLIP_MEAN),
+            "image_std": list(IMAGENET_DEFAULT_STD if imagenet else OPENAI_CLIP_STD),
+        }
 
     def annotation_for(self, split: str) -> str | None:
         return getattr(self, f"{split}_file") or self.annotation_file
@@ -139,7 +176,14 @@ class TrainingArguments:
     stan_lr_multiplier: float = field(
         default=10.0, metadata={"help": "Learning-rate multiplier of the STAN branch ('.stan.' parameters)."}
     )
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (see --no_decay)."})
+    no_decay: Literal["vectors_and_embeddings", "norms_and_biases", "none"] = field(
+        default="vectors_and_embeddings",
+        metadata={
+            "help": "Parameters exempt from weight decay: 'vectors_and_embeddings' (ours), 'norms_and_biases' "
+            "(STAN / Mug-STAN's mmengine rule; the STAN branch decays fully) or 'none' (ViFi-CLIP decays everything)."
+        },
+    )
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
@@ -148,10 +192,32 @@ class TrainingArguments:
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to train; > 0 overrides num_train_epochs."})
     lr_scheduler_type: str = field(
         default="cosine",
-        metadata={"help": "A transformers scheduler: linear, cosine, constant, constant_with_warmup..."},
+        metadata={
+            "help": "A transformers scheduler (linear, cosine, constant, constant_with_warmup...: warm-up from 0, "
+            "decay to 0), 'timm_cosine' (ViFi-CLIP's timm CosineLRScheduler: cosine on the absolute step, warm-up "
+            "included) or 'mmengine_linear_cosine' (STAN's LinearLR warm-up then CosineAnnealingLR)."
+        },
     )
     warmup_ratio: float = field(default=0.1, metadata={"help": "Warm-up steps as a fraction of the training steps."})
     warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps; > 0 overrides warmup_ratio."})
+    warmup_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Warm-up epochs; overrides warmup_ratio and warmup_steps (the authors' curves need it)."},
+    )
+    lr_warmup_start_factor: float = field(
+        default=0.0,
+        metadata={"help": "timm_cosine / mmengine_linear_cosine: the warm-up's first rate, times learning_rate."},
+    )
+    lr_min_ratio: float = field(
+        default=0.0, metadata={"help": "timm_cosine / mmengine_linear_cosine: the floor, times learning_rate."}
+    )
+    lr_cosine_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "The cosine's period in epochs (timm t_initial, mmengine T_max). Unset: timm_cosine all epochs, "
+            "mmengine_linear_cosine the epochs after the warm-up."
+        },
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         default=None, metadata={"help": "Mixed precision. Unset: what `accelerate launch` was given."}
     )
@@ -172,6 +238,13 @@ class TrainingArguments:
         default=None, metadata={"help": "Steps between checkpoints (--save_strategy steps)."}
     )
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept, besides the best one."})
+    final_checkpoint: Literal["best", "last"] = field(
+        default="best",
+        metadata={
+            "help": "The weights tested and exported: the best validation step's, or the last step's (ViFi-CLIP's "
+            "base-to-novel protocol tests the last epoch)."
+        },
+    )
     metric_for_best_model: str | None = field(
         default=None, metadata={"help": "Validation metric that picks the best checkpoint (the exported model)."}
     )
@@ -221,6 +294,15 @@ class TrainingArguments:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.lr_scheduler_type in ("timm_cosine", "mmengine_linear_cosine") and self.warmup_epochs is None:
+            raise ValueError(
+                f"--lr_scheduler_type {self.lr_scheduler_type} counts warm-up in epochs: set --warmup_epochs."
+            )
+        if not 0.0 <= self.lr_warmup_start_factor <= 1.0 or not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ValueError(
+                f"--lr_warmup_start_factor and --lr_min_ratio are fractions of the learning rate in [0, 1], got "
+                f"{self.lr_warmup_start_factor} and {self.lr_min_ratio}."
+            )
         if not 0.0 <= self.min_usable_sample_fraction <= 1.0:
             raise ValueError(f"--min_usable_sample_fraction must be in [0, 1], got {self.min_usable_sample_fraction}.")
 
@@ -374,9 +456,6 @@ def arguments_dict(*arguments) -> dict:
 class AugmentationArguments:
     """ViFi-CLIP's training augmentations (applied by `video_augmentation.VideoAugmentation`)."""
 
-    multi_scale_crop: list[float] = field(
-        default_factory=list, metadata={"help": "Crop scales of the short side, e.g. 1 .875 .75 .66 (ViFi-CLIP's)."}
-    )
     flip: float = field(default=0.0, metadata={"help": "Probability of a horizontal flip of a clip (ViFi-CLIP: 0.5)."})
     color_jitter: float = field(default=0.0, metadata={"help": "Probability of colour jitter of a clip (ViFi: 0.8)."})
     grayscale: float = field(default=0.0, metadata={"help": "Probability of a greyscale clip (ViFi-CLIP: 0.2)."})
@@ -391,8 +470,6 @@ class AugmentationArguments:
                 raise ValueError(f"--{name} is a probability in [0, 1], got {getattr(self, name)}.")
         if self.mixup < 0 or self.cutmix < 0:
             raise ValueError(f"--mixup and --cutmix are Beta alphas >= 0, got {self.mixup} and {self.cutmix}.")
-        if any(not 0.0 < scale <= 1.0 for scale in self.multi_scale_crop):
-            raise ValueError(f"--multi_scale_crop scales must be in (0, 1], got {self.multi_scale_crop}.")
 
     @property
     def blends(self) -> bool:

@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -30,6 +29,13 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, load_fsdp_model, set_seed
+from optimization import (  # noqa: F401  (run_pretraining.py and the tests import them from here)
+    build_optimizer,
+    build_scheduler,
+    parameter_groups,
+    steps_per_epoch,
+    total_training_steps,
+)
 from stan_arguments import (
     DataArguments,
     ModelArguments,
@@ -42,7 +48,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer
 
 from modeling_stan import StanConfig
 from modeling_stan.data.video_datasets import SkipCorruptCollator, make_decode_transform
@@ -198,9 +204,11 @@ def synthetic_dataset_root(
     return root
 
 
-def make_processor(model: nn.Module, model_path: str, num_frames: int) -> StanProcessor:
+def make_processor(model: nn.Module, model_path: str, num_frames: int, **video_options) -> StanProcessor:
     """The processor saved with the model: the checkpoint's tokenizer and a video processor for its input size."""
-    video_processor = StanVideoProcessor.for_image_size(model.config.vision_config.image_size, num_frames)
+    video_processor = StanVideoProcessor.for_image_size(
+        model.config.vision_config.image_size, num_frames, **video_options
+    )
     return StanProcessor(video_processor=video_processor, tokenizer=AutoTokenizer.from_pretrained(model_path))
 
 
@@ -462,76 +470,6 @@ def _private_generator(seed: int) -> torch.Generator:
     # Starting an iteration draws a worker base seed; from its own generator it leaves torch's global one (drop
     # path) untouched, so validating or resuming mid-epoch does not shift the training randomness.
     return torch.Generator().manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Optimisation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def parameter_groups(
-    model: nn.Module, *, learning_rate: float, weight_decay: float, stan_lr_multiplier: float
-) -> list[dict]:
-    """AdamW parameter groups of the authors' recipe.
-
-    No weight decay on vectors and scalars (biases, norm weights, CLIP's class embedding, the logit scale) nor on
-    embedding tables; the STAN branch (parameter names containing `.stan.`) learns `stan_lr_multiplier` times
-    faster, being new where the rest is pre-trained. Frozen parameters are left out.
-    """
-    embedding_tables = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
-    groups: dict[tuple[bool, bool], dict] = {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        decay = parameter.ndim >= 2 and id(parameter) not in embedding_tables
-        stan = ".stan." in f".{name}"
-        group = groups.setdefault(
-            (decay, stan),
-            {
-                "name": f"{'stan' if stan else 'clip'}_{'decay' if decay else 'no_decay'}",
-                "params": [],
-                "lr": learning_rate * (stan_lr_multiplier if stan else 1.0),
-                "weight_decay": weight_decay if decay else 0.0,
-            },
-        )
-        group["params"].append(parameter)
-    return list(groups.values())
-
-
-def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.AdamW:
-    groups = parameter_groups(
-        model,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        stan_lr_multiplier=args.stan_lr_multiplier,
-    )
-    return torch.optim.AdamW(
-        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
-    )
-
-
-def steps_per_epoch(train_loader: DataLoader, args: TrainingArguments) -> int:
-    """Optimizer steps in one epoch of the (prepared, per-process) training loader."""
-    steps = len(train_loader) // args.gradient_accumulation_steps
-    if steps < 1:
-        raise ValueError(
-            f"The training split is too small for one optimizer step of per_device_train_batch_size="
-            f"{args.per_device_train_batch_size} x gradient_accumulation_steps={args.gradient_accumulation_steps} "
-            "x the number of processes."
-        )
-    return steps
-
-
-def total_training_steps(train_loader: DataLoader, args: TrainingArguments) -> int:
-    if args.max_steps > 0:
-        return args.max_steps
-    return math.ceil(args.num_train_epochs * steps_per_epoch(train_loader, args))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int):
-    """Linear warm-up then `lr_scheduler_type` decay, stepped once per optimizer step (not per process)."""
-    warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
-    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1128,7 +1066,7 @@ class TrainingScript:
             num_frames=data_args.num_frames,
             **self.model_config_fields(task_args, splits),
         )
-        processor = make_processor(model, model_path, data_args.num_frames)
+        processor = make_processor(model, model_path, data_args.num_frames, **data_args.processor_options())
         self.prepare_model(model, task_args, processor)
         if not training_args.do_train:
             return self.evaluate_only(accelerator, model, processor, splits, data_args, task_args, training_args)
@@ -1138,7 +1076,7 @@ class TrainingScript:
         accelerator.init_trackers(f"stan-{self.card_task}", config=_tracker_config(arguments_dict(*arguments)))
 
         progress = loop.train(resumption.checkpoint)
-        best_step = loop.load_best_weights()
+        best_step = loop.load_best_weights() if training_args.final_checkpoint == "best" else progress.step
         results = {
             "validation": next((m for m in progress.validation_history if m["step"] == best_step), {}),
             "test": loop.task.evaluate(loop.model, "test"),
@@ -1274,7 +1212,7 @@ class TrainingScript:
         task = self.make_task(
             accelerator, task_args, training_args, splits, dict(zip(EVAL_SPLITS, eval_loaders)), processor
         )
-        scheduler = build_scheduler(optimizer, training_args, total_training_steps(train_loader, training_args))
+        scheduler = build_scheduler(optimizer, training_args, train_loader)
         return TrainingLoop(
             accelerator, training_args, task, model, optimizer, scheduler, train_loader, train_sampler, checkpoints
         )

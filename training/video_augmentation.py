@@ -1,18 +1,16 @@
 """ViFi-CLIP's training augmentations as batch operations on processed clips, in plain torch (no torchvision).
 
 They follow the authors' pipeline (muzairkhattak/ViFi-CLIP `datasets/build.py`, `datasets/pipeline.py`,
-`datasets/blending.py`): multi-scale crop, horizontal flip, colour jitter (brightness 0.4, contrast 0.4, saturation
-0.2, hue 0.1, drawn per frame, applied to a clip with probability `color_jitter`), greyscale, then mixup or cutmix of
-the batch with label-smoothed soft targets. Ours differ in two documented ways: they run on the processor's
-output (after its crop and resize: the multi-scale crop re-crops the 224 px clip and resizes back), and the four
-colour-jitter factors are applied in a fixed order (brightness, contrast, saturation, hue) where torchvision draws
-one. Randomness comes from torch's global generator, which the training checkpoints save and restore: per step,
-the crops, then for flip, colour jitter and greyscale in turn one draw per clip choosing the clips, then the
-jitter factors of the chosen clips' frames only, so unchosen clips cost no work.
+`datasets/blending.py`) after its crop, which the video processor takes (`--multi_scale_crop`): horizontal flip,
+colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, drawn per frame, applied to a clip with
+probability `color_jitter`), greyscale, then mixup or cutmix of the batch with label-smoothed soft targets. Ours
+apply the four colour-jitter factors in a fixed order (brightness, contrast, saturation, hue) where torchvision
+draws one. Randomness comes from torch's global generator, which the training checkpoints save and restore: per
+step, for flip, colour jitter and greyscale in turn one draw per clip choosing the clips, then the jitter factors of
+the chosen clips' frames only, so unchosen clips cost no work.
 """
 
 import torch
-import torch.nn.functional as F
 from stan_arguments import AugmentationArguments
 
 
@@ -30,12 +28,10 @@ class VideoAugmentation:
 
     def clips(self, pixel_values: torch.Tensor) -> torch.Tensor:
         args = self.args
-        if not (args.multi_scale_crop or args.flip or args.color_jitter or args.grayscale):
+        if not (args.flip or args.color_jitter or args.grayscale):
             return pixel_values
         mean, std = self.mean.to(pixel_values), self.std.to(pixel_values)
         clips = (pixel_values * std + mean).clamp(0, 1)
-        if args.multi_scale_crop:
-            clips = torch.stack([multi_scale_crop(clip, args.multi_scale_crop) for clip in clips])
         clips = on_chosen_clips(clips, args.flip, lambda chosen: chosen.flip(-1))
         clips = on_chosen_clips(clips, args.color_jitter, _jitter_clips)
         clips = on_chosen_clips(clips, args.grayscale, grayscale)
@@ -71,19 +67,6 @@ def on_chosen_clips(clips: torch.Tensor, probability: float, transform) -> torch
         return clips
     chosen = chosen.to(clips.device)
     return clips.index_copy(0, chosen, transform(clips[chosen]))
-
-
-def multi_scale_crop(clip: torch.Tensor, scales: list[float]) -> torch.Tensor:
-    """One crop for all frames of `(T, 3, H, W)`: width and height are scales of the short side at most one step
-    apart in `scales` (the authors' `max_wh_scale_gap=1`), at a random position, resized back to H x W."""
-    height, width = clip.shape[-2:]
-    sizes = [int(min(height, width) * scale) for scale in scales]
-    pairs = [(h, w) for i, h in enumerate(sizes) for j, w in enumerate(sizes) if abs(i - j) <= 1]
-    crop_h, crop_w = pairs[int(torch.randint(len(pairs), ()))]
-    top = int(torch.randint(height - crop_h + 1, ()))
-    left = int(torch.randint(width - crop_w + 1, ()))
-    crop = clip[..., top : top + crop_h, left : left + crop_w]
-    return F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
 
 
 def _jitter_clips(clips: torch.Tensor) -> torch.Tensor:

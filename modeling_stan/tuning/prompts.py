@@ -36,8 +36,11 @@ def prompt_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
-def set_trainable_parts(model: nn.Module, parts: str) -> list[str]:
+def set_trainable_parts(model: nn.Module, parts: str, train_token_embedding: bool = True) -> list[str]:
     """Freezes all but `parts` of `model`; returns the names of the parameters left trainable.
+
+    `train_token_embedding=False` also freezes the text tower's token-embedding table, as ViFi-CLIP's `TextEncoder`
+    holds none (the class names' token embeddings are a fixed buffer there).
 
     - `"all"`: everything stays as built (a frozen class matrix or fixed scale stays frozen);
     - `"vision"` / `"text"`: only that tower and its projection (ViFi-CLIP's image- / text-tuned variants);
@@ -58,6 +61,10 @@ def set_trainable_parts(model: nn.Module, parts: str) -> list[str]:
                 parameter.requires_grad_(name in prompts)
             else:
                 parameter.requires_grad_(name.startswith(prefixes[parts]) and name not in prompts)
+    if not train_token_embedding:
+        for name, parameter in model.named_parameters():
+            if name.endswith("embeddings.token_embedding.weight"):
+                parameter.requires_grad_(False)
     trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
     if not trainable:
         raise ValueError(f"Training only {parts!r} leaves no trainable parameter in {type(model).__name__}.")
